@@ -1,0 +1,529 @@
+"""
+Reward modelling: stage 3 of the talk. "We're now going to shift our data collection to be of the
+form of comparisons": for one prompt the SFT model writes several completions, a labeler ranks them,
+and a transformer learns to predict a score that agrees with the ranking. Each completion is laid out
+after its prompt, "a special reward readout token" is appended, and the transformer is supervised
+only at that one token: the scalar it predicts there is the reward.
+
+    python reward.py                                   # sample, rank, train -> out/reward.pt
+    python reward.py --score "What is 2 + 3?" "2 + 3 = 5."   # the reward of one response
+
+Here the labeler is the tiny world's oracle (World.score). The script reads out/sft.pt, samples K
+completions for every prompt of the world's reward split, ranks them with the oracle (equal scores
+are ties, and a tie gives no pair), writes what the "labelers" saw to out/comparisons.jsonl, then
+trains the reward model: the SFT transformer with a new scalar head, loss -log sigmoid(r_better -
+r_worse) over every ordered pair of a prompt's ranking. `--data FILE.jsonl` trains on given
+preferences instead: {"prompt", "chosen", "rejected"} lines or {"prompt", "completions", "ranking"}.
+
+Reads top to bottom: config, comparisons (sample and rank, or read), the reward model, the loss, the
+training loop, evaluation, save.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch.nn import functional as F
+
+from model import (GPT, GPTConfig, Progress, UsageError, atomic_path, autocast, chat_responses,
+                   choose_device, load_checkpoint, load_model, read_jsonl, render_chat, run_cli,
+                   save_checkpoint, set_seed, write_json)
+
+# -----------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class Config:
+    out_dir: str = field(default="out", metadata={"help": "where comparisons.jsonl, reward.pt/.json/.png go"})
+    init_from: str = field(default="", metadata={"help": "the SFT checkpoint to start from (default: <out_dir>/sft.pt)"})
+    data: str = field(default="", metadata={"help": "preference JSONL to train on instead of sampling "
+                                                    "(prompt/chosen/rejected or prompt/completions/ranking lines)"})
+    score: list[str] = field(default_factory=list, metadata={"help": "PROMPT RESPONSE: print the reward "
+                                                                     "<out_dir>/reward.pt gives this response, then exit"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or mps"})
+    seed: int = field(default=1337, metadata={"help": "seed of the sampling, the held-out split and training"})
+    # the comparisons
+    samples_per_prompt: int = field(default=4, metadata={"help": "K: completions sampled per prompt (InstructGPT used 4 to 9)"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature: high enough that the K completions differ in quality"})
+    max_new_tokens: int = field(default=64, metadata={"help": "longest sampled completion, in tokens"})
+    max_prompts: int = field(default=0, metadata={"help": "use only the first N prompts (0: all of them)"})
+    heldout_fraction: float = field(default=0.2, metadata={"help": "share of prompts kept out of training to evaluate on"})
+    # training
+    max_iters: int = field(default=300, metadata={"help": "training steps"})
+    prompts_per_step: int = field(default=16, metadata={"help": "prompts per step; all K completions of a prompt go in together"})
+    learning_rate: float = field(default=3e-4, metadata={"help": "peak learning rate (warmup, then cosine decay to a tenth)"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay on the matrices"})
+    center_penalty: float = field(default=0.01, metadata={"help": "weight of (mean reward)^2 in the loss: keeps rewards centred on 0"})
+    eval_interval: int = field(default=25, metadata={"help": "evaluate on the held-out prompts every N steps"})
+    examples: int = field(default=3, metadata={"help": "held-out prompts to print with their completions ranked by reward"})
+    resume: bool = field(default=False, metadata={"help": "continue an interrupted run from <out_dir>/reward.pt"})
+
+
+# -----------------------------------------------------------------------------------------------
+# Comparisons: one prompt, K completions, and the labeler's ranking of them.
+
+@dataclass
+class Comparison:
+    """What one labeler saw and said. `ranking` lists completion indices, best first. `scores`, when
+    known (the oracle's, or given in the file), define ties: completions with equal scores are tied,
+    and a tie gives no training pair. Without scores every step of the ranking is a strict preference."""
+    prompt: str
+    completions: list[str]
+    ranking: list[int]
+    scores: list[float] | None = None
+    reasons: list[str] | None = None
+
+    def levels(self):
+        """levels()[i] = how many distinct grades are better than completion i (0 = among the best)."""
+        if self.scores is None:
+            return [self.ranking.index(i) for i in range(len(self.completions))]
+        distinct = sorted(set(self.scores), reverse=True)
+        return [distinct.index(score) for score in self.scores]
+
+    def pairs(self):
+        """Every ordered (better, worse) pair of completion indices; tied completions make no pair."""
+        levels = self.levels()
+        return [(i, j) for i in range(len(levels)) for j in range(len(levels)) if levels[i] < levels[j]]
+
+    def to_record(self):
+        record = {"prompt": self.prompt, "completions": self.completions, "ranking": self.ranking}
+        if self.scores is not None:
+            record["scores"] = self.scores
+        if self.reasons is not None:
+            record["reasons"] = self.reasons
+        return record
+
+
+def rank_by_scores(prompt, completions, scores, reasons=None):
+    """Best first; equal scores keep their sampling order in the ranking (and stay tied via scores)."""
+    ranking = sorted(range(len(completions)), key=lambda i: -scores[i])
+    return Comparison(prompt, list(completions), ranking, [float(s) for s in scores], reasons)
+
+
+def sample_comparisons(model, tokenizer, world, prompts, samples_per_prompt, temperature,
+                       max_new_tokens, seed):
+    """The SFT model answers every prompt K times; the oracle scores each answer and so ranks them.
+    All prompts x K go through the model in large batches (chat_responses uses the KV cache)."""
+    repeated = [prompt for prompt in prompts for _ in range(samples_per_prompt)]
+    responses = chat_responses(model, tokenizer, repeated, temperature=temperature,
+                               max_new_tokens=max_new_tokens, seed=seed, batch_size=128)
+    comparisons = []
+    for index, prompt in enumerate(prompts):
+        completions = responses[index * samples_per_prompt:(index + 1) * samples_per_prompt]
+        graded = [world.score(prompt, completion) for completion in completions]
+        comparisons.append(rank_by_scores(prompt, completions, [s for s, _ in graded], [r for _, r in graded]))
+    return comparisons
+
+
+def write_comparisons(path, comparisons):
+    with atomic_path(path) as temporary:
+        with open(temporary, "w", encoding="utf-8") as file:
+            for comparison in comparisons:
+                file.write(json.dumps(comparison.to_record(), ensure_ascii=False) + "\n")
+
+
+def read_preferences(path):
+    """Preference JSONL -> [Comparison]. Two shapes per line (TRL's conventions):
+    {"prompt", "chosen", "rejected"} (a pair) or {"prompt", "completions", "ranking"[, "scores"]}.
+    Bad lines raise UsageError("FILE:LINE: reason"); pairs whose two texts are identical are
+    skipped, and counted. Returns (comparisons, number skipped)."""
+    comparisons, skipped = [], 0
+    for number, record in read_jsonl(path):
+        where = f"{path}:{number}"
+        prompt = record.get("prompt")
+        if not isinstance(prompt, str) or not prompt:
+            raise UsageError(f"{where}: \"prompt\" must be a non-empty string")
+        if "chosen" in record or "rejected" in record:
+            chosen, rejected = record.get("chosen"), record.get("rejected")
+            if not isinstance(chosen, str) or not isinstance(rejected, str):
+                raise UsageError(f"{where}: \"chosen\" and \"rejected\" must both be strings")
+            if chosen == rejected:
+                skipped += 1
+                continue
+            comparisons.append(Comparison(prompt, [chosen, rejected], [0, 1]))
+        elif "completions" in record:
+            comparisons.append(_ranking_record(where, prompt, record))
+        else:
+            raise UsageError(f"{where}: expected \"chosen\" and \"rejected\", or \"completions\" and \"ranking\"")
+    if not comparisons:
+        raise UsageError(f"{path}: no usable preferences ({skipped} pairs had identical texts)")
+    return comparisons, skipped
+
+
+def _ranking_record(where, prompt, record):
+    completions, ranking, scores = record.get("completions"), record.get("ranking"), record.get("scores")
+    if not isinstance(completions, list) or len(completions) < 2 or not all(isinstance(c, str) for c in completions):
+        raise UsageError(f"{where}: \"completions\" must be a list of at least two strings")
+    if not isinstance(ranking, list) or sorted(ranking) != list(range(len(completions))) \
+            or not all(type(i) is int for i in ranking):
+        raise UsageError(f"{where}: \"ranking\" must list each completion index 0..{len(completions) - 1} once, best first")
+    if scores is not None:
+        if not isinstance(scores, list) or len(scores) != len(completions) \
+                or not all(isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) for s in scores):
+            raise UsageError(f"{where}: \"scores\" must be one finite number per completion")
+        ranked = [scores[i] for i in ranking]
+        if any(a < b for a, b in zip(ranked, ranked[1:])):
+            raise UsageError(f"{where}: \"ranking\" disagrees with \"scores\" (a lower score is ranked above a higher one)")
+        scores = [float(s) for s in scores]
+    reasons = record.get("reasons")
+    reasons = reasons if isinstance(reasons, list) and len(reasons) == len(completions) else None
+    return Comparison(prompt, completions, ranking, scores, reasons)
+
+
+def split_heldout(comparisons, fraction, seed):
+    """Hold out whole prompts (not pairs), so evaluation is on prompts the reward model never saw."""
+    order = list(range(len(comparisons)))
+    random.Random(seed).shuffle(order)
+    count = int(round(len(order) * fraction)) if len(order) > 1 else 0
+    heldout = set(order[:count])
+    train = [c for i, c in enumerate(comparisons) if i not in heldout]
+    evaluate = [c for i, c in enumerate(comparisons) if i in heldout]
+    return train, evaluate
+
+
+# -----------------------------------------------------------------------------------------------
+# The reward model: the GPT with a scalar head, read at the <|reward|> token.
+
+def reward_input_ids(tokenizer, prompt, response, block_size):
+    """render_chat([user, assistant]) + [<|reward|>]. Too long for the context: keep the last
+    block_size tokens, so the reward token (and the end of the response) always stay in view."""
+    ids, _ = render_chat(tokenizer, [{"role": "user", "content": prompt},
+                                     {"role": "assistant", "content": response}])
+    ids = ids + [tokenizer.special_tokens["<|reward|>"]]
+    return ids[-block_size:]
+
+
+def pad_batch(sequences, device):
+    """Right-pad to one length. Attention is causal, so padding after a sequence's reward token
+    cannot change anything at or before it; `positions` says where each reward token is."""
+    length = max(len(ids) for ids in sequences)
+    idx = torch.zeros((len(sequences), length), dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        idx[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+    positions = torch.tensor([len(ids) - 1 for ids in sequences], dtype=torch.long)
+    return idx.to(device), positions.to(device)
+
+
+@torch.no_grad()
+def reward_scores(reward_model, tokenizer, prompts, responses, batch_size=64):
+    """The reward of each (prompt, response): a float tensor of shape [len(prompts)] on the model's
+    device. Sequences are batched by length (less padding); each reward is read at that sequence's
+    own <|reward|> token, so the result does not depend on what else is in the batch."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    device = next(reward_model.parameters()).device
+    block_size = reward_model.config.block_size
+    sequences = [reward_input_ids(tokenizer, p, r, block_size) for p, r in zip(prompts, responses)]
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    rewards = torch.zeros(len(sequences), device=device)
+    was_training = reward_model.training
+    reward_model.eval()
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        idx, positions = pad_batch([sequences[i] for i in chunk], device)
+        with autocast(device):
+            rewards[torch.tensor(chunk, device=device)] = reward_model.scalar(idx, positions).float()
+    reward_model.train(was_training)
+    return rewards
+
+
+def reward_model_from_sft(sft_model):
+    """The same transformer, initialised from the SFT weights, plus a new scalar head. The head
+    starts at zero, so every reward starts at 0 and the first loss is exactly log 2."""
+    config = GPTConfig(**dict(dataclasses.asdict(sft_model.config), scalar_head=True))
+    model = GPT(config)
+    missing, unexpected = model.load_state_dict(sft_model.state_dict(), strict=False)
+    new = [name for name in missing if "scalar_head" not in name]
+    if new or unexpected:
+        raise RuntimeError(f"SFT weights do not fit the reward model (missing {new}, unexpected {unexpected})")
+    with torch.no_grad():
+        for parameter in model.scalar_head.parameters():
+            parameter.zero_()
+    return model
+
+
+# -----------------------------------------------------------------------------------------------
+# The loss: all ordered pairs of each prompt's ranking, each prompt weighing the same.
+
+def pairwise_loss(rewards, groups, levels):
+    """rewards, groups, levels: one entry per completion in the batch (groups = which prompt it
+    answers, levels = its grade within that prompt, 0 best). For every pair (i, j) of one prompt with
+    level i < level j: -log sigmoid(r_i - r_j). A prompt's pairs are averaged first and the prompts
+    then averaged, so a prompt with K = 9 weighs as much as one with K = 2. Tied completions (equal
+    levels) make no pair. Returns (loss, pairwise accuracy, number of pairs)."""
+    better = (groups[:, None] == groups[None, :]) & (levels[:, None] < levels[None, :])
+    pairs_per_group = torch.zeros(int(groups.max()) + 1, device=rewards.device)
+    pairs_per_group.index_add_(0, groups, better.sum(1).to(pairs_per_group.dtype))
+    prompts_with_pairs = (pairs_per_group > 0).sum()
+    weight = better / pairs_per_group.clamp(min=1)[groups][:, None]   # 1 / (pairs of that prompt)
+    margin = rewards[:, None] - rewards[None, :]
+    # logsigmoid, not log(sigmoid): stays finite when the margin is very negative
+    loss = -(F.logsigmoid(margin) * weight).sum() / prompts_with_pairs.clamp(min=1)
+    correct = ((margin > 0).float() * better).sum()
+    return loss, correct / better.sum().clamp(min=1), int(better.sum())
+
+
+def comparison_batch(comparisons, tokenizer, block_size, device):
+    """Flatten some prompts' completions into one padded batch (+ group and level of each row)."""
+    sequences, groups, levels = [], [], []
+    for group, comparison in enumerate(comparisons):
+        for completion, level in zip(comparison.completions, comparison.levels()):
+            sequences.append(reward_input_ids(tokenizer, comparison.prompt, completion, block_size))
+            groups.append(group)
+            levels.append(level)
+    idx, positions = pad_batch(sequences, device)
+    return idx, positions, torch.tensor(groups, device=device), torch.tensor(levels, device=device)
+
+
+def batch_loss(model, comparisons, tokenizer, config, device):
+    idx, positions, groups, levels = comparison_batch(comparisons, tokenizer, model.config.block_size, device)
+    with autocast(device):
+        rewards = model.scalar(idx, positions).float()
+    loss, accuracy, pairs = pairwise_loss(rewards, groups, levels)
+    # the pairwise loss only sees differences, so all rewards could drift together; a small pull on
+    # their mean keeps them centred on 0, which is what RL wants to see
+    centred_loss = loss + config.center_penalty * rewards.mean() ** 2
+    return centred_loss, loss, accuracy, idx.numel()
+
+
+# -----------------------------------------------------------------------------------------------
+# Evaluation
+
+@torch.no_grad()
+def evaluate(model, tokenizer, comparisons, batch_prompts=64):
+    """Held-out pairwise accuracy and loss over all pairs with distinct grades, plus every sample's
+    reward (for the correlation with the oracle and the examples)."""
+    prompts = [c.prompt for c in comparisons for _ in c.completions]
+    responses = [text for c in comparisons for text in c.completions]
+    rewards = reward_scores(model, tokenizer, prompts, responses).float().cpu()
+    groups = torch.tensor([g for g, c in enumerate(comparisons) for _ in c.completions])
+    levels = torch.tensor([level for c in comparisons for level in c.levels()])
+    loss, accuracy, pairs = pairwise_loss(rewards, groups, levels)
+    return {"loss": loss.item(), "accuracy": accuracy.item(), "pairs": pairs, "rewards": rewards}
+
+
+def spearman(xs, ys):
+    """Spearman rank correlation: Pearson correlation of the ranks (ties get their average rank)."""
+    def ranks(values):
+        values = torch.as_tensor(values, dtype=torch.float64)
+        order = torch.argsort(values)
+        ranked = torch.empty_like(values)
+        ranked[order] = torch.arange(len(values), dtype=torch.float64)
+        for value in torch.unique(values):               # ties share the mean of their ranks
+            tied = values == value
+            ranked[tied] = ranked[tied].mean()
+        return ranked
+    rx, ry = ranks(xs), ranks(ys)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denominator = (rx.norm() * ry.norm()).item()
+    return (rx @ ry).item() / denominator if denominator > 0 else float("nan")
+
+
+def show_examples(comparisons, rewards, count):
+    """A few held-out prompts, completions sorted by the reward model, with the oracle's view."""
+    lines, shown, offset = [], 0, 0
+    for comparison in comparisons:
+        k = len(comparison.completions)
+        chunk = rewards[offset:offset + k].tolist()
+        offset += k
+        if shown >= count or not comparison.pairs():   # an all-tied prompt shows nothing of interest
+            continue
+        shown += 1
+        lines.append(f"prompt: {comparison.prompt!r}")
+        for i in sorted(range(k), key=lambda i: -chunk[i]):
+            judged = f"oracle {comparison.scores[i]:.2f}" if comparison.scores else f"rank {comparison.ranking.index(i) + 1}"
+            lines.append(f"  reward {chunk[i]:+6.2f} | {judged} | {comparison.completions[i][:90]!r}")
+    return lines
+
+
+def save_plot(path, history, rewards, scores):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    axes[0].plot(history["step"], history["train_loss"], label="train (pairs of the step)", alpha=0.6)
+    axes[0].plot(history["eval_step"], history["eval_loss"], label="held-out", marker="o")
+    axes[0].axhline(math.log(2), color="gray", linestyle=":", label="log 2 (chance)")
+    axes[0].set_title("pairwise loss")
+    axes[1].plot(history["eval_step"], history["eval_accuracy"], marker="o")
+    axes[1].axhline(0.5, color="gray", linestyle=":")
+    axes[1].set_title("held-out pairwise accuracy")
+    for axis in axes[:2]:
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+    axes[0].legend()
+    if scores is not None:
+        jitter = (torch.rand(len(scores)) - 0.5) * 0.02   # many scores are exactly 0 or 1
+        axes[2].scatter(torch.tensor(scores) + jitter, rewards, s=6, alpha=0.5)
+        axes[2].set_xlabel("oracle score")
+        axes[2].set_ylabel("reward")
+        axes[2].set_title("held-out samples: reward vs oracle")
+        axes[2].grid(alpha=0.3)
+    else:
+        axes[2].set_axis_off()
+    figure.tight_layout()
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=100, format="png")
+    plt.close(figure)
+
+
+# -----------------------------------------------------------------------------------------------
+# --score: one reward, for a person to probe the model
+
+def score_one(config):
+    if len(config.score) != 2:
+        raise UsageError(f"--score takes two texts, PROMPT and RESPONSE (got {len(config.score)})")
+    path = os.path.join(config.out_dir, "reward.pt")
+    model, tokenizer, _ = load_model(path, stages="reward", device=choose_device(config.device))
+    reward = reward_scores(model, tokenizer, [config.score[0]], [config.score[1]])[0].item()
+    print(f"{reward:+.4f}")
+    return {"reward": reward}
+
+
+# -----------------------------------------------------------------------------------------------
+# The stage
+
+def main(config: Config) -> dict:
+    if config.score:
+        return score_one(config)
+    start = time.time()
+    set_seed(config.seed)
+    device = choose_device(config.device)
+    if not 2 <= config.samples_per_prompt:
+        raise UsageError("--samples_per_prompt must be at least 2 (a ranking needs two completions)")
+    if not 0.0 <= config.heldout_fraction < 1.0:
+        raise UsageError("--heldout_fraction must be in [0, 1)")
+    sft_path = config.init_from or os.path.join(config.out_dir, "sft.pt")
+    reward_path = os.path.join(config.out_dir, "reward.pt")
+    comparisons_path = os.path.join(config.out_dir, "comparisons.jsonl")
+
+    # --- comparisons: sampled from the SFT model and ranked by the oracle, or read from --data
+    sft_model, tokenizer, _ = load_model(sft_path, stages="sft", device=device)
+    sampling_seconds, skipped = 0.0, 0
+    if config.data:
+        comparisons, skipped = read_preferences(config.data)
+        print(f"read {len(comparisons)} comparisons from {config.data}"
+              + (f" (skipped {skipped} pairs with identical texts)" if skipped else ""))
+    elif config.resume and os.path.isfile(comparisons_path):
+        comparisons, _ = read_preferences(comparisons_path)   # the very comparisons the run started with
+        print(f"resume: read {len(comparisons)} comparisons from {comparisons_path}")
+    else:
+        from data.tinyworld import World
+        world = World()
+        prompts = [task.prompt for task in world.tasks("reward")]
+        prompts = prompts[:config.max_prompts] if config.max_prompts > 0 else prompts
+        print(f"sampling {config.samples_per_prompt} completions for each of {len(prompts)} prompts "
+              f"at temperature {config.temperature} ...")
+        comparisons = sample_comparisons(sft_model, tokenizer, world, prompts, config.samples_per_prompt,
+                                         config.temperature, config.max_new_tokens, config.seed)
+        sampling_seconds = time.time() - start
+        write_comparisons(comparisons_path, comparisons)
+        print(f"wrote {comparisons_path} in {sampling_seconds:.0f}s")
+    train_set, heldout_set = split_heldout(comparisons, config.heldout_fraction, config.seed)
+    train_set = [c for c in train_set if c.pairs()]   # all tied: nothing to learn from
+    tied = sum(1 for c in comparisons if not c.pairs())
+    if not train_set:
+        raise UsageError("no training prompt has completions of different quality (all tied): raise "
+                         "--temperature, or check that the SFT model is trained")
+    heldout_pairs = sum(len(c.pairs()) for c in heldout_set)
+    print(f"{len(comparisons)} prompts ({tied} all tied); training on {len(train_set)}, "
+          f"{sum(len(c.pairs()) for c in train_set)} ordered pairs; held out {len(heldout_set)} prompts, "
+          f"{heldout_pairs} pairs")
+
+    # --- the reward model
+    model = reward_model_from_sft(sft_model).to(device)
+    del sft_model
+    optimizer = model.configure_optimizer(config.learning_rate, config.weight_decay)
+    first_step = 0
+    history = {"step": [], "train_loss": [], "eval_step": [], "eval_loss": [], "eval_accuracy": []}
+    if config.resume:
+        checkpoint = load_checkpoint(reward_path, stages="reward")
+        if "resume" not in checkpoint:
+            raise UsageError(f"{reward_path} finished training; there is nothing to resume")
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["resume"]["optimizer"])
+        first_step, history = checkpoint["resume"]["step"], checkpoint["resume"]["history"]
+        print(f"resuming at step {first_step}")
+
+    def learning_rate(step):
+        warmup = max(config.max_iters // 20, 1)
+        if step < warmup:
+            return config.learning_rate * (step + 1) / warmup
+        progress = (step - warmup) / max(config.max_iters - warmup, 1)
+        return config.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    # --- training: each step takes some prompts and puts all their completions through together
+    rng = random.Random(config.seed + first_step)
+    order = []
+    progress = Progress(config.max_iters, prefix="reward ")
+    step, interrupted = first_step, False
+    try:
+        for step in range(first_step, config.max_iters):
+            if len(order) < config.prompts_per_step:
+                shuffled = list(range(len(train_set)))
+                rng.shuffle(shuffled)
+                order += shuffled
+            batch = [train_set[i] for i in order[:config.prompts_per_step]]
+            del order[:config.prompts_per_step]
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step)
+            model.train()
+            total, loss, accuracy, tokens = batch_loss(model, batch, tokenizer, config, device)
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            history["step"].append(step)
+            history["train_loss"].append(loss.item())
+            if heldout_pairs and (step % config.eval_interval == 0 or step == config.max_iters - 1):
+                result = evaluate(model, tokenizer, heldout_set)
+                history["eval_step"].append(step)
+                history["eval_loss"].append(result["loss"])
+                history["eval_accuracy"].append(result["accuracy"])
+            progress.update(step + 1, tokens=tokens, loss=loss.item(), acc=accuracy.item(),
+                            heldout_acc=history["eval_accuracy"][-1] if history["eval_accuracy"] else float("nan"))
+        step = config.max_iters
+    except KeyboardInterrupt:
+        interrupted = True
+        print(f"\ninterrupted at step {step}: saving {reward_path}; continue with --resume")
+    progress.close()
+
+    # --- evaluation on the held-out prompts
+    metrics = {"comparisons/prompts": len(comparisons), "comparisons/tied_prompts": tied,
+               "comparisons/train_prompts": len(train_set), "comparisons/heldout_prompts": len(heldout_set),
+               "comparisons/heldout_pairs": heldout_pairs, "comparisons/skipped": skipped,
+               "steps": step, "train/loss": history["train_loss"][-1] if history["train_loss"] else float("nan")}
+    scores = None
+    if heldout_set:
+        result = evaluate(model, tokenizer, heldout_set)
+        rewards = result["rewards"]
+        metrics.update({"heldout/loss": result["loss"], "heldout/pairwise_accuracy": result["accuracy"],
+                        "reward/mean": rewards.mean().item(), "reward/std": rewards.std().item()})
+        if all(c.scores is not None for c in heldout_set):
+            scores = [s for c in heldout_set for s in c.scores]
+            metrics["heldout/spearman"] = spearman(rewards, scores)
+        print("\n".join(show_examples(heldout_set, rewards, config.examples)))
+        save_plot(os.path.join(config.out_dir, "reward.png"), history, rewards, scores)
+    metrics.update({"sampling_seconds": round(sampling_seconds, 1), "seconds": round(time.time() - start, 1)})
+
+    # --- save
+    extra = {}
+    if interrupted:
+        extra["resume"] = {"optimizer": optimizer.state_dict(), "step": step, "history": history}
+    save_checkpoint(reward_path, stage="reward", model=model, tokenizer=tokenizer,
+                    parent={"path": sft_path, "stage": "sft"}, args=dataclasses.asdict(config),
+                    metrics=metrics, extra=extra)
+    write_json(os.path.join(config.out_dir, "reward.json"), metrics)
+    print(" | ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+    return metrics
+
+
+if __name__ == "__main__":
+    run_cli(main, Config, __doc__)

@@ -1,0 +1,222 @@
+"""reward.py: the reward is read at the reward token, the pairwise loss is the textbook one, the
+comparison files round-trip, and a reward model really learns a preference."""
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from bpe import UsageError
+from model import load_checkpoint, load_model, parse_config
+from reward import (Comparison, Config, main, pad_batch, pairwise_loss, rank_by_scores, read_preferences,
+                    reward_input_ids, reward_scores, sample_comparisons, spearman, write_comparisons)
+
+
+@pytest.fixture
+def reward_model(tmp_path, make_checkpoint):
+    model, tokenizer, _ = load_model(make_checkpoint(tmp_path / "reward.pt", "reward"), stages="reward")
+    return model, tokenizer
+
+
+PAIRS = [("What is 2 + 3?", "2 + 3 = 5."), ("Name a colour.", "Blue, I think, or perhaps a deep green."),
+         ("Hi", "Hello!"), ("What is the capital of France?", "The capital of France is Paris.")]
+
+
+def test_reward_is_read_at_the_reward_token(reward_model):
+    model, tokenizer = reward_model
+    ids = reward_input_ids(tokenizer, *PAIRS[0], model.config.block_size)
+    assert ids[-1] == tokenizer.special_tokens["<|reward|>"]
+    idx = torch.tensor([ids])
+    position = torch.tensor([len(ids) - 1])
+    alone = model.scalar(idx, position)
+    # whatever follows the reward token (padding, other text) cannot change the reward
+    for tail in ([0, 0, 0], [5, 77, 123, 9, 200], list(range(20))):
+        followed = model.scalar(torch.tensor([ids + tail]), position)
+        assert torch.allclose(alone, followed, atol=1e-6)
+    # ... but the text before it does
+    other = reward_input_ids(tokenizer, PAIRS[0][0], "2 + 3 = 6.", model.config.block_size)
+    assert not torch.allclose(alone, model.scalar(torch.tensor([other]), torch.tensor([len(other) - 1])))
+
+
+def test_padded_batch_equals_one_by_one(reward_model):
+    model, tokenizer = reward_model
+    prompts, responses = zip(*PAIRS)
+    together = reward_scores(model, tokenizer, list(prompts), list(responses), batch_size=3)
+    alone = torch.cat([reward_scores(model, tokenizer, [p], [r]) for p, r in PAIRS])
+    assert together.shape == (len(PAIRS),)
+    assert torch.allclose(together, alone, atol=1e-5)
+
+
+def test_too_long_input_keeps_the_reward_token(reward_model):
+    model, tokenizer = reward_model
+    ids = reward_input_ids(tokenizer, "word " * 400, "fine.", model.config.block_size)
+    assert len(ids) == model.config.block_size and ids[-1] == tokenizer.special_tokens["<|reward|>"]
+
+
+def test_pad_batch_positions():
+    idx, positions = pad_batch([[1, 2, 3], [4]], "cpu")
+    assert idx.tolist() == [[1, 2, 3], [4, 0, 0]] and positions.tolist() == [2, 0]
+
+
+def softplus(x):
+    return math.log1p(math.exp(x))   # -log sigmoid(-x)
+
+
+def test_pairwise_loss_matches_hand_computation_and_ignores_ties():
+    # prompt 0: completion 0 is best, 1 and 2 tie below it; prompt 1: completion 3 beats 4
+    rewards = torch.tensor([1.0, 0.0, -1.0, 0.5, 2.0])
+    groups = torch.tensor([0, 0, 0, 1, 1])
+    levels = torch.tensor([0, 1, 1, 0, 1])
+    loss, accuracy, pairs = pairwise_loss(rewards, groups, levels)
+    prompt0 = (softplus(-(1.0 - 0.0)) + softplus(-(1.0 - -1.0))) / 2    # the tie (1, 2) gives no pair
+    prompt1 = softplus(-(0.5 - 2.0))
+    assert loss.item() == pytest.approx((prompt0 + prompt1) / 2, rel=1e-6)
+    assert pairs == 3 and accuracy.item() == pytest.approx(2 / 3)
+    # moving only the tied completions relative to each other changes nothing
+    moved = rewards.clone()
+    moved[1], moved[2] = -1.0, 0.0
+    assert pairwise_loss(moved, groups, levels)[0].item() == pytest.approx(loss.item(), rel=1e-6)
+
+
+def test_pairwise_loss_stays_finite_and_has_gradients():
+    rewards = torch.tensor([-200.0, 200.0], requires_grad=True)
+    loss, _, _ = pairwise_loss(rewards, torch.tensor([0, 0]), torch.tensor([0, 1]))
+    loss.backward()
+    assert loss.item() == pytest.approx(400.0) and torch.isfinite(rewards.grad).all()
+
+
+def test_ties_make_no_pairs():
+    comparison = rank_by_scores("p", ["a", "b", "c", "d"], [1.0, 0.0, 1.0, 0.5])
+    assert comparison.ranking == [0, 2, 3, 1]
+    assert sorted(comparison.pairs()) == [(0, 1), (0, 3), (2, 1), (2, 3), (3, 1)]
+    assert rank_by_scores("p", ["a", "b"], [0.0, 0.0]).pairs() == []
+    # without scores a ranking is strict
+    assert Comparison("p", ["a", "b", "c"], [2, 0, 1]).pairs() == [(0, 1), (2, 0), (2, 1)]
+
+
+def test_sampled_comparisons_round_trip(tmp_path, make_checkpoint, world):
+    model, tokenizer, _ = load_model(make_checkpoint(tmp_path / "sft.pt", "sft"), stages="sft")
+    prompts = [task.prompt for task in world.tasks("reward")[:3]]
+    comparisons = sample_comparisons(model, tokenizer, world, prompts, samples_per_prompt=3,
+                                     temperature=1.0, max_new_tokens=6, seed=0)
+    for comparison in comparisons:
+        assert len(comparison.completions) == 3 and len(comparison.scores) == 3
+        assert comparison.scores == [world.score(comparison.prompt, c)[0] for c in comparison.completions]
+        ranked = [comparison.scores[i] for i in comparison.ranking]
+        assert ranked == sorted(ranked, reverse=True)
+    path = tmp_path / "comparisons.jsonl"
+    write_comparisons(path, comparisons)
+    read, skipped = read_preferences(str(path))
+    assert skipped == 0 and read == comparisons
+    assert [json.loads(line)["prompt"] for line in path.read_text().splitlines()] == prompts
+
+
+def test_preference_files_in_both_shapes(tmp_path):
+    path = tmp_path / "prefs.jsonl"
+    lines = [{"prompt": "2+2?", "chosen": "4", "rejected": "5"},
+             {"prompt": "3+3?", "completions": ["7", "6", "six"], "ranking": [1, 2, 0]},
+             {"prompt": "1+1?", "completions": ["2", "3", "two"], "ranking": [0, 2, 1], "scores": [1, 0, 1]},
+             {"prompt": "x", "chosen": "same", "rejected": "same"}]
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n\n")
+    comparisons, skipped = read_preferences(str(path))
+    assert skipped == 1 and len(comparisons) == 3
+    assert comparisons[0].completions == ["4", "5"] and comparisons[0].pairs() == [(0, 1)]
+    assert sorted(comparisons[1].pairs()) == [(1, 0), (1, 2), (2, 0)]
+    assert sorted(comparisons[2].pairs()) == [(0, 1), (2, 1)]      # "2" and "two" tie
+
+
+@pytest.mark.parametrize("bad, reason", [
+    ('{"prompt": "p", "chosen": "a"}', "must both be strings"),
+    ('{"prompt": "", "chosen": "a", "rejected": "b"}', "non-empty string"),
+    ('{"prompt": "p", "answer": "a"}', "expected \"chosen\""),
+    ('{"prompt": "p", "completions": ["a"], "ranking": [0]}', "at least two"),
+    ('{"prompt": "p", "completions": ["a", "b"], "ranking": [0, 0]}', "each completion index"),
+    ('{"prompt": "p", "completions": ["a", "b"], "ranking": [1, 0], "scores": [1, 0]}', "disagrees"),
+    ('{"prompt": "p", "completions": ["a", "b"], "ranking": [0, 1], "scores": [1]}', "one finite number"),
+    ('{"prompt": "p", "chosen": "a", ', "not valid JSON"),
+    ('["p", "a", "b"]', "JSON object"),
+])
+def test_malformed_preference_lines_name_file_and_line(tmp_path, bad, reason):
+    path = tmp_path / "prefs.jsonl"
+    path.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n" + bad + "\n")
+    with pytest.raises(UsageError, match=rf"^{path}:2: .*{reason}"):
+        read_preferences(str(path))
+
+
+def test_spearman():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ties take average ranks: ranks x = 1,2,3,4 and y = 1.5,1.5,3.5,3.5 -> r = 0.894...
+    assert spearman([0.1, 0.2, 0.3, 0.4], [0, 0, 1, 1]) == pytest.approx(2 / math.sqrt(5))
+
+
+GOOD = ["good", "great", "kind", "right"]
+BAD = ["bad", "awful", "rude", "wrong"]
+FILLER = ["the", "cat", "dog", "river", "lives", "near", "a", "small", "town", "and", "is", "very"]
+
+
+def synthetic_preferences(count, seed):
+    """Prompts and answers of random filler words; the better answer carries a 'good' word where the
+    worse one carries a 'bad' word. Half the lines are pairs, half rankings of three."""
+    rng = random.Random(seed)
+
+    def sentence(word):
+        words = rng.choices(FILLER, k=rng.randint(2, 6))
+        words.insert(rng.randint(0, len(words)), word)
+        return " ".join(words) + "."
+
+    records = []
+    for index in range(count):
+        prompt = " ".join(rng.choices(FILLER, k=4)) + "?"
+        if index % 2:
+            records.append({"prompt": prompt, "chosen": sentence(rng.choice(GOOD)), "rejected": sentence(rng.choice(BAD))})
+        else:
+            texts = [sentence(rng.choice(GOOD)), sentence(rng.choice(BAD)), sentence(rng.choice(GOOD))]
+            records.append({"prompt": prompt, "completions": texts, "ranking": [0, 2, 1], "scores": [1, 0, 1]})
+    return records
+
+
+def test_reward_model_learns_a_preference(tmp_path, make_checkpoint):
+    sft = make_checkpoint(tmp_path / "sft.pt", "sft")
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in synthetic_preferences(200, seed=0)))
+    config = Config(out_dir=str(tmp_path / "run"), init_from=sft, data=str(data), device="cpu",
+                    max_iters=120, prompts_per_step=16, learning_rate=3e-3, eval_interval=40, examples=1)
+    metrics = main(config)
+    assert metrics["heldout/pairwise_accuracy"] >= 0.85          # chance is 0.5
+    assert metrics["heldout/loss"] < math.log(2)                  # better than the untrained model's log 2
+    assert abs(metrics["reward/mean"]) < metrics["reward/std"]    # centred
+    checkpoint = load_checkpoint(str(tmp_path / "run" / "reward.pt"), stages="reward")
+    assert checkpoint["parent"] == {"path": sft, "stage": "sft"}
+    assert checkpoint["model_config"]["scalar_head"] and "resume" not in checkpoint
+    assert json.loads((tmp_path / "run" / "reward.json").read_text()) == pytest.approx(metrics, nan_ok=True)
+    assert (tmp_path / "run" / "reward.png").stat().st_size > 0
+    # --score prints the same reward as reward_scores
+    model, tokenizer, _ = load_model(str(tmp_path / "run" / "reward.pt"), stages="reward")
+    prompt, response = "the cat?", "the dog is good."
+    scored = main(parse_config(Config, ["--out_dir", str(tmp_path / "run"), "--score", prompt, response]))
+    assert scored["reward"] == pytest.approx(reward_scores(model, tokenizer, [prompt], [response]).item(), abs=1e-5)
+    assert scored["reward"] > reward_scores(model, tokenizer, [prompt], ["the dog is bad."]).item()
+
+
+def test_missing_and_wrong_stage_checkpoints_are_clear_errors(tmp_path, make_checkpoint):
+    with pytest.raises(UsageError, match="sft.py"):
+        main(Config(out_dir=str(tmp_path), device="cpu"))
+    pretrain = make_checkpoint(tmp_path / "pretrain.pt", "pretrain")
+    with pytest.raises(UsageError, match="'pretrain' checkpoint"):
+        main(Config(out_dir=str(tmp_path), init_from=pretrain, device="cpu"))
+    with pytest.raises(UsageError, match="reward.py"):
+        main(Config(out_dir=str(tmp_path), score=["p", "r"], device="cpu"))
+    make_checkpoint(tmp_path / "reward.pt", "reward")
+    with pytest.raises(UsageError, match="two texts"):
+        main(Config(out_dir=str(tmp_path), score=["only a prompt"], device="cpu"))
+
+
+def test_all_tied_comparisons_are_a_clear_error(tmp_path, make_checkpoint):
+    sft = make_checkpoint(tmp_path / "sft.pt", "sft")
+    data = tmp_path / "tied.jsonl"
+    data.write_text(json.dumps({"prompt": "p", "completions": ["a", "b"], "ranking": [0, 1], "scores": [1, 1]}) + "\n")
+    with pytest.raises(UsageError, match="all tied"):
+        main(Config(out_dir=str(tmp_path), init_from=sft, data=str(data), device="cpu"))
