@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
+from itertools import repeat
 
 
 class UsageError(Exception):
@@ -298,13 +299,19 @@ class Tokenizer:
         """Apply the merges to one chunk, lowest rank first, exactly as they were learned."""
         byte_ids = self.byte_ids
         ids = [byte_ids[byte] for byte in chunk.encode("utf-8", UTF8_ERRORS)]
-        rank = self._rank
-        never = len(rank)             # the rank of a pair that has no merge
+        rank_of = self._rank.get
+        never = len(self._rank)       # the rank of a pair that has no merge
         while len(ids) >= 2:
-            best = min(zip(ids, ids[1:]), key=lambda pair: rank.get(pair, never))
-            if best not in rank:
+            ranks = list(map(rank_of, zip(ids, ids[1:]), repeat(never)))   # rank_of(pair, never) for each
+            best_rank = min(ranks)
+            if best_rank == never:
                 break
-            ids = merge_pair(ids, best, self._merged_id[best])
+            position = ranks.index(best_rank)
+            pair = (ids[position], ids[position + 1])
+            if ranks.count(best_rank) == 1:   # the usual case: the pair occurs once, merge it in place
+                ids[position:position + 2] = [self._merged_id[pair]]
+            else:
+                ids = merge_pair(ids, pair, self._merged_id[pair])
         return ids
 
     def encode_ordinary(self, text):
