@@ -1,0 +1,1122 @@
+"""The tiny world: a made-up internet, its users and its labelers, small enough to learn in minutes.
+
+The talk trains an assistant on four kinds of data: a huge pile of internet documents (pretraining),
+prompts with ideal responses written by contractors (SFT), rankings of sampled responses made by
+labelers (reward modelling), and prompts to practise on (RL). No public data set is small enough to
+learn on a laptop CPU in minutes *and* lets a program check every answer, so this module makes one up:
+
+- 40 real countries (capital, continent, language) and 30 animals (legs, sound, food), each told in many
+  phrasings across encyclopedia entries, stories, lists, quiz pages and JSON records;
+- small sums and differences, worked column-by-column additions, and products too large to do "in the
+  head" (the corpus shows their format, but a small model cannot compute them: that is the calculator's job);
+- invented countries that exist only in a separate pile of documents, so questions about them can only be
+  answered with retrieval;
+- an oracle, `World.score`, that grades any response to any prompt the world makes. It plays the human
+  labeler: reward.py ranks samples with it, and every stage reports its mean on held-out prompts.
+
+Knowledge is held out by *entity*: SFT asks about half of the countries and animals; evaluation also asks
+about the other half, whose facts appear only in the pretraining documents. If the assistant answers those,
+its knowledge came from pretraining and SFT only taught it the format -- the talk's claim, measured.
+
+    python -m data.tinyworld stats          # sizes, counts per family and split, samples, timing
+    python -m data.tinyworld write DIR      # corpus.txt and JSONL files in the formats of PIPELINE.md
+
+Everything comes from `random.Random` seeded with strings (never `hash()` or the order of a set), so the
+same seed gives byte-identical output on any machine. No work happens at import time.
+"""
+
+import argparse
+import json
+import os
+import random
+import re
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+FAMILIES = ["facts", "arithmetic", "cot", "calculator", "json", "retrieval"]
+SPLITS = ["sft", "eval", "reward", "rl"]
+
+# The talk's magic words. sample.py --cot puts them in front of a question; SFT teaches that a question
+# starting with them gets a worked, step-by-step answer, and a bare question a direct one.
+COT_PREFIX = "Let's think step by step. "
+
+# Retrieval prompts: passages first, then the question (the format SFT teaches and sample.py builds).
+CONTEXT_HEADER = "Answer the question using the passages below."
+
+# Calculator markers (the strings of bpe.py's special tokens; see SPEC's tool-calling format).
+CALC, RESULT, END_RESULT = "<|calc|>", "<|result|>", "<|/result|>"
+
+# Words a polite assistant does not use. The corpus has a few forum pages with rude answers, so a base
+# model can say them; the labeler halves the score of a response that does.
+RUDE_MARKERS = ["stupid", "dumb", "idiot", "shut up", "everyone knows", "obviously"]
+
+
+# ------------------------------------------------------------------------------------------------------
+# The fixed tables: what the world knows. Real facts a reader recognises, so a wrong answer looks wrong.
+
+COUNTRIES = [  # name, capital, continent, language
+    ("France", "Paris", "Europe", "French"), ("Germany", "Berlin", "Europe", "German"),
+    ("Italy", "Rome", "Europe", "Italian"), ("Spain", "Madrid", "Europe", "Spanish"),
+    ("Portugal", "Lisbon", "Europe", "Portuguese"), ("Greece", "Athens", "Europe", "Greek"),
+    ("Poland", "Warsaw", "Europe", "Polish"), ("Sweden", "Stockholm", "Europe", "Swedish"),
+    ("Norway", "Oslo", "Europe", "Norwegian"), ("Finland", "Helsinki", "Europe", "Finnish"),
+    ("Netherlands", "Amsterdam", "Europe", "Dutch"), ("Austria", "Vienna", "Europe", "German"),
+    ("Hungary", "Budapest", "Europe", "Hungarian"), ("Russia", "Moscow", "Europe", "Russian"),
+    ("Egypt", "Cairo", "Africa", "Arabic"), ("Kenya", "Nairobi", "Africa", "Swahili"),
+    ("Nigeria", "Abuja", "Africa", "English"), ("Morocco", "Rabat", "Africa", "Arabic"),
+    ("Ghana", "Accra", "Africa", "English"), ("Ethiopia", "Addis Ababa", "Africa", "Amharic"),
+    ("Senegal", "Dakar", "Africa", "French"), ("Japan", "Tokyo", "Asia", "Japanese"),
+    ("China", "Beijing", "Asia", "Chinese"), ("India", "New Delhi", "Asia", "Hindi"),
+    ("Thailand", "Bangkok", "Asia", "Thai"), ("Vietnam", "Hanoi", "Asia", "Vietnamese"),
+    ("Indonesia", "Jakarta", "Asia", "Indonesian"), ("South Korea", "Seoul", "Asia", "Korean"),
+    ("Iran", "Tehran", "Asia", "Persian"), ("Canada", "Ottawa", "North America", "English"),
+    ("United States", "Washington", "North America", "English"),
+    ("Mexico", "Mexico City", "North America", "Spanish"), ("Cuba", "Havana", "North America", "Spanish"),
+    ("Brazil", "Brasilia", "South America", "Portuguese"),
+    ("Argentina", "Buenos Aires", "South America", "Spanish"), ("Peru", "Lima", "South America", "Spanish"),
+    ("Chile", "Santiago", "South America", "Spanish"), ("Colombia", "Bogota", "South America", "Spanish"),
+    ("Australia", "Canberra", "Oceania", "English"), ("New Zealand", "Wellington", "Oceania", "English"),
+]
+NEEDS_THE = ("Netherlands", "United States")  # "the United States" inside a sentence
+CONTINENTS = ["Europe", "Africa", "Asia", "North America", "South America", "Oceania"]
+
+ANIMALS = [  # name, plural, legs, sound, food
+    ("dog", "dogs", 4, "woof", "bones"), ("cat", "cats", 4, "meow", "fish"),
+    ("cow", "cows", 4, "moo", "grass"), ("sheep", "sheep", 4, "baa", "grass"),
+    ("pig", "pigs", 4, "oink", "corn"), ("horse", "horses", 4, "neigh", "hay"),
+    ("goat", "goats", 4, "bleat", "leaves"), ("donkey", "donkeys", 4, "hee-haw", "straw"),
+    ("mouse", "mice", 4, "squeak", "cheese"), ("lion", "lions", 4, "roar", "zebras"),
+    ("tiger", "tigers", 4, "roar", "deer"), ("wolf", "wolves", 4, "howl", "rabbits"),
+    ("bear", "bears", 4, "growl", "honey"), ("elephant", "elephants", 4, "trumpet", "fruit"),
+    ("camel", "camels", 4, "grunt", "dates"), ("frog", "frogs", 4, "croak", "flies"),
+    ("duck", "ducks", 2, "quack", "bread"), ("goose", "geese", 2, "honk", "clover"),
+    ("owl", "owls", 2, "hoot", "mice"), ("crow", "crows", 2, "caw", "worms"),
+    ("dove", "doves", 2, "coo", "seeds"), ("parrot", "parrots", 2, "squawk", "nuts"),
+    ("turkey", "turkeys", 2, "gobble", "acorns"), ("eagle", "eagles", 2, "screech", "snakes"),
+    ("chicken", "chickens", 2, "cluck", "grain"), ("bee", "bees", 6, "buzz", "nectar"),
+    ("cricket", "crickets", 6, "chirp", "plants"), ("mosquito", "mosquitoes", 6, "whine", "blood"),
+    ("spider", "spiders", 8, "hiss", "insects"), ("crab", "crabs", 10, "click", "algae"),
+]
+
+PEOPLE = ["Tom", "Anna", "Ben", "Maya", "Sam", "Lucy", "Omar", "Mei", "Ravi", "Sofia", "Leo", "Nina",
+          "Kofi", "Aiko", "Pablo", "Ella"]
+
+
+@dataclass(frozen=True)
+class Entity:
+    """A country or an animal. `facts` keeps the order of the JSON record's fields."""
+    kind: str                      # "country" or "animal"
+    name: str
+    facts: tuple                   # ((attribute, value as text), ...)
+    plural: str = ""               # animals: "mice"
+    article: bool = False          # countries: "the United States"
+
+    def fact(self, attribute):
+        return dict(self.facts)[attribute]
+
+    def record(self):
+        """The JSON record: fixed fields, numbers as numbers."""
+        record = {"name": self.name, "type": self.kind}
+        for attribute, value in self.facts:
+            record[attribute] = int(value) if attribute == "legs" else value
+        return record
+
+    def subject(self):
+        """How a sentence names it: "the United States", "the owl"."""
+        return f"the {self.name}" if self.article or self.kind == "animal" else self.name
+
+    def fields(self, suffix=""):
+        """Placeholders for the templates below ({c} "the Netherlands", {A} "An owl", ...)."""
+        if self.kind == "country":
+            ref = self.subject()
+            values = {"c": ref, "C": ref[0].upper() + ref[1:],
+                      "cap": self.fact("capital"), "cont": self.fact("continent"), "lang": self.fact("language")}
+        else:
+            a = ("an " if self.name[0] in "aeiou" else "a ") + self.name
+            values = {"a": a, "A": a[0].upper() + a[1:], "an": self.name, "the": "the " + self.name,
+                      "The": "The " + self.name, "pl": self.plural,
+                      "Pl": self.plural[0].upper() + self.plural[1:], "n": self.fact("legs"),
+                      "s": self.fact("sound"), "f": self.fact("food")}
+        return {key + suffix: value for key, value in values.items()}
+
+
+def real_entities():
+    countries = [Entity("country", name, (("capital", capital), ("continent", continent), ("language", language)),
+                        article=name in NEEDS_THE) for name, capital, continent, language in COUNTRIES]
+    animals = [Entity("animal", name, (("legs", str(legs)), ("sound", sound), ("food", food)), plural=plural)
+               for name, plural, legs, sound, food in ANIMALS]
+    return countries, animals
+
+
+# ------------------------------------------------------------------------------------------------------
+# Phrasings. Questions come in a "train" pool (SFT, reward, RL) and an "eval" pool that no training split
+# uses, so evaluation of SFT-seen entities still asks in new words. Every answer has one ideal form.
+
+QUESTIONS = {  # attribute: (train phrasings, eval phrasings)
+    "capital": (["What is the capital of {c}?", "What is the capital city of {c}?",
+                 "Which city is the capital of {c}?", "Name the capital of {c}."],
+                ["Tell me the capital of {c}.", "Do you know the capital of {c}?"]),
+    "continent": (["Which continent is {c} in?", "What continent is {c} on?",
+                   "On which continent is {c}?", "Name the continent of {c}."],
+                  ["Tell me which continent {c} is in.", "In which continent is {c} located?"]),
+    "language": (["What language do people speak in {c}?", "What language is spoken in {c}?",
+                  "Which language do people in {c} speak?", "What is the main language of {c}?"],
+                 ["Tell me the language of {c}.", "What do people in {c} speak?"]),
+    "legs": (["How many legs does {a} have?", "How many legs has {a} got?",
+              "What is the number of legs of {a}?", "Count the legs of {a}."],
+             ["Tell me how many legs {a} has.", "How many legs are on {a}?"]),
+    "sound": (["What sound does {a} make?", "What noise does {a} make?", "What does {a} say?",
+               "Which sound does {a} make?"],
+              ["Tell me the sound {a} makes.", "How does {a} sound?"]),
+    "food": (["What does {a} eat?", "What food does {a} eat?", "What is the food of {a}?",
+              "Which food does {a} eat?"],
+             ["Tell me what {a} eats.", "What does {a} like to eat?"]),
+}
+ANSWERS = {  # {v} is the value; the text before it is also the pretraining probe's prefix
+    "capital": "The capital of {c} is {v}.", "continent": "{C} is in {v}.", "language": "People in {c} speak {v}.",
+    "legs": "{A} has {v} legs.", "sound": "{A} says {v}.", "food": "{A} eats {v}.",
+}
+JSON_QUESTIONS = (["Describe {x} as JSON.", "Give a JSON record for {x}.", "Write {x} as a JSON object.",
+                   "Show {x} as JSON."],
+                  ["Return a JSON object describing {x}.", "Describe {x} in JSON."])
+ARITHMETIC_QUESTIONS = ["What is {a} {op} {b}?", "Calculate {a} {op} {b}.", "How much is {a} {op} {b}?"]
+ARITHMETIC_PATTERN = re.compile(r"(?:What is|Calculate|How much is) (\d+) ([-+*]) (\d+)[?.]")
+
+# Pretraining sentences. The ideal answers' own forms are among them, so SFT only has to teach when to
+# say what the base model already knows.
+CAPITAL_SENTENCES = ["The capital of {c} is {cap}.", "{cap} is the capital of {c}.",
+                     "The capital city of {c} is {cap}.", "{C} has its capital in {cap}.",
+                     "The government of {c} meets in {cap}, the capital."]
+CONTINENT_SENTENCES = ["{C} is in {cont}.", "{C} is a country in {cont}.", "{C} lies in {cont}.",
+                       "{C} is one of the countries of {cont}."]
+LANGUAGE_SENTENCES = ["People in {c} speak {lang}.", "The main language of {c} is {lang}.",
+                      "In {c}, most people speak {lang}.", "{lang} is the language of {c}."]
+COUNTRY_FILLERS = ["Many visitors come to {c} every year.", "{C} has old towns, busy markets and quiet villages.",
+                   "Children in {c} learn to read and write at school.", "Trains and buses connect the towns of {c}.",
+                   "The food of {c} is famous among travellers."]
+LEGS_SENTENCES = ["{A} has {n} legs.", "{Pl} have {n} legs.", "{The} walks on {n} legs.", "Every {an} has {n} legs."]
+SOUND_SENTENCES = ["{A} says {s}.", "{The} makes the sound {s}.", "{Pl} say {s}.", "You can hear {a} say {s}."]
+FOOD_SENTENCES = ["{A} eats {f}.", "{Pl} eat {f}.", "{The} likes to eat {f}.", "The favourite food of {a} is {f}."]
+ANIMAL_FILLERS = ["{The} is a well known animal.", "Children like to read about {the}.",
+                  "Pictures of {pl} are common in books for children.", "{Pl} live in many parts of the world."]
+STORIES = [
+    "{P} lived in {cap}, the capital of {c}. Like most people in {c}, {P} spoke {lang}. {P} had {a} that "
+    "said {s} every morning. Every evening {P} gave it {f}.",
+    "{P} flew from {cap} to {cap2}. {cap2} is the capital of {c2}, a country in {cont2}. People there speak "
+    "{lang2}, so {P} learned a few words of {lang2}. Near the city {P} saw {a}. It said {s}.",
+    "On a farm in {c} there lived {a} and {a2}. {The} had {n} legs and {the2} had {n2} legs. Every day {the} "
+    "said {s} and {the2} said {s2}. The farmer gave {the} {f} and {the2} {f2}.",
+    "{P} wrote a letter from {cap}: \"Dear {P2}, {C} is lovely. I am learning {lang}, the language of {c}. "
+    "Yesterday I met {a}. It said {s} and ate {f}!\"",
+    "{P} went to the zoo. First {P} saw {a}. It has {n} legs and eats {f}. Then {P} heard {a2} say {s2}. "
+    "At home {P} told everyone that {the2} has {n2} legs.",
+    "{P} opened an old atlas. {C} was on the page about {cont}, and its capital, {cap}, was marked with a red "
+    "dot. A note next to it said that people in {c} speak {lang}.",
+]
+# Short passages: the retrieval documents, and the context of SFT's retrieval prompts (one style, so what
+# SFT teaches -- find the passage about the entity, copy the fact -- works on the retrieval documents).
+COUNTRY_PASSAGES = ["{C} is a country in {cont}. Its capital is {cap}, and the people of {c} speak {lang}.",
+                    "{cap} is the capital of {c}, a country in {cont}. Most people in {c} speak {lang}.",
+                    "Travel note: {C} lies in {cont}. Visitors arrive in {cap}, the capital, and hear {lang} "
+                    "spoken everywhere."]
+ANIMAL_PASSAGES = ["{A} is an animal with {n} legs. It says {s} and eats {f}.",
+                   "{Pl} have {n} legs. {A} says {s}, and its food is {f}."]
+QA_HEADERS = ["Questions and answers", "Quiz", "Frequently asked questions", "Test yourself"]
+RUDE_OPENINGS = ["Everyone knows that. ", "Obviously, ", "What a stupid question. "]
+PLACES = ["Ones", "Tens", "Hundreds", "Thousands", "Ten-thousands"]
+NUMBER_WORDS = {"zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7,
+                "eight": 8, "nine": 9, "ten": 10, "eleven": 11, "twelve": 12}
+
+
+def fill(template, **fields):
+    return template.format(**fields)
+
+
+def answer_sentence(entity, attribute):
+    return fill(ANSWERS[attribute], v=entity.fact(attribute), **entity.fields())
+
+
+def worked_addition(a, b):
+    """The step-by-step solution chain of thought teaches: one line per column, right to left, with the
+    carry said out loud, then the answer. A small model cannot add 4-digit numbers "in one token", but it
+    can do one column at a time if each step is written down -- models need tokens to think."""
+    digits_a, digits_b = str(a)[::-1], str(b)[::-1]
+    lines, carry = [], 0
+    for place in range(max(len(digits_a), len(digits_b))):
+        x = int(digits_a[place]) if place < len(digits_a) else 0
+        y = int(digits_b[place]) if place < len(digits_b) else 0
+        total = x + y + carry
+        terms = f"{x} + {y}" + (f" + {carry}" if carry else "")
+        carry = total // 10
+        lines.append(f"{PLACES[place]}: {terms} = {total}, write {total % 10}" + (", carry 1." if carry else "."))
+    if carry:
+        lines.append(f"{PLACES[len(lines)]}: write 1.")
+    lines.append(f"So {a} + {b} = {a + b}.")
+    return "\n".join(lines)
+
+
+def calculator_answer(a, b):
+    """The ideal answer to a large product: call the tool, then state its result (see SPEC)."""
+    return f"{CALC}{a} * {b}{RESULT}{a * b}{END_RESULT} {a} * {b} = {a * b}."
+
+
+def compute(a, op, b):
+    return a + b if op == "+" else a - b if op == "-" else a * b
+
+
+def context_prompt(passages, question):
+    """The retrieval prompt: numbered passages, then the question. Passages are flattened to one line each so
+    the oracle can always find the question again (it is the text after the last "Question: ")."""
+    lines = [CONTEXT_HEADER, ""]
+    lines += [f"Passage {number}: {' '.join(passage.split())}" for number, passage in enumerate(passages, 1)]
+    lines += ["", f"Question: {question}"]
+    return "\n".join(lines)
+
+
+def invent_word(rng, endings):
+    onsets = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kr", "st", "tr", "th"]
+    vowels = ["a", "e", "i", "o", "u"]
+    return "".join(rng.choice(onsets) + rng.choice(vowels) for _ in range(2)) + rng.choice(endings)
+
+
+def invent_countries(rng, count, taken):
+    """Made-up countries for retrieval. `taken` (lower-case words already used) keeps every name unique."""
+    made = []
+    while len(made) < count:
+        name = invent_word(rng, ["nia", "ria", "mora", "dor", "vel", "thar", "lis"]).capitalize()
+        capital = invent_word(rng, ["port", "holm", "grad", "mere", "stad", "ford", "ven"]).capitalize()
+        language = invent_word(rng, ["nic", "rish", "nese", "vic", "lan"]).capitalize()
+        words = [name.lower(), capital.lower(), language.lower()]
+        if len(set(words)) < 3 or any(word in taken for word in words):
+            continue
+        taken.update(words)
+        made.append(Entity("country", name, (("capital", capital), ("continent", rng.choice(CONTINENTS)),
+                                             ("language", language))))
+    return made
+
+
+@dataclass(frozen=True)
+class Task:
+    """One prompt of the world. `answer` is the ideal response (the SFT target). `heldout` is True when the
+    entity or problem asked about appears in no SFT task (for facts: known from pretraining only)."""
+    family: str                    # one of FAMILIES
+    prompt: str                    # the user message
+    answer: str                    # the ideal assistant response
+    split: str                     # one of SPLITS
+    heldout: bool
+    entity: str = ""               # the country or animal asked about ("" for arithmetic)
+    key: str = ""                  # the short fact the answer hinges on: "Paris", "1221", ...
+
+
+@dataclass(frozen=True)
+class Grade:
+    score: float
+    reason: str
+    correct: bool
+
+
+@dataclass(frozen=True)
+class Question:
+    """What the oracle found in a prompt: a fact, a JSON record or an arithmetic problem."""
+    kind: str                      # "fact", "json" or "arithmetic"
+    family: str
+    entity: object = None
+    attribute: str = ""
+    numbers: tuple = ()            # (a, op, b)
+    cot: bool = False              # the prompt asked to think step by step
+
+
+# ------------------------------------------------------------------------------------------------------
+
+class World:
+    """The tiny world of one seed. `scale` multiplies the number of pretraining documents (a GPU can
+    use more); the tasks do not depend on it, so figures stay comparable across scales."""
+
+    def __init__(self, seed=0, scale=1.0):
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise ValueError(f"World(seed={seed!r}): the seed must be an integer")
+        if not isinstance(scale, (int, float)) or not 0 < scale <= 1000:
+            raise ValueError(f"World(scale={scale!r}): the scale must be a number in (0, 1000]")
+        self.seed, self.scale = seed, float(scale)
+        self.countries, self.animals = real_entities()
+        rng = random.Random(f"tinyworld:{seed}:entities")
+        # Hold out entities: SFT asks about half of them, the others are known only from pretraining.
+        shuffled_countries, shuffled_animals = self.countries[:], self.animals[:]
+        rng.shuffle(shuffled_countries)
+        rng.shuffle(shuffled_animals)
+        self.sft_entities = shuffled_countries[:len(self.countries) // 2] + shuffled_animals[:len(self.animals) // 2]
+        self.heldout_entities = shuffled_countries[len(self.countries) // 2:] + shuffled_animals[len(self.animals) // 2:]
+        taken = {word.lower() for row in COUNTRIES for word in row} | {row[0] for row in ANIMALS}
+        taken |= {person.lower() for person in PEOPLE}
+        # Invented countries: these exist only in retrieval_documents() ...
+        self.retrieval_entities = invent_countries(rng, 24, taken)
+        # ... and these only in the passages of SFT/reward/RL retrieval prompts: there the answer cannot be
+        # remembered, so SFT really teaches reading the context (and leaks nothing of the retrieval-only facts).
+        self.context_entities = invent_countries(rng, 40, taken)
+        self._index = self._question_index()
+        self._candidates = self._candidate_patterns()
+        self._tasks = self._documents = self._document_kinds = self._retrieval = self._shots = None
+
+    # --- the oracle's lookup tables -------------------------------------------------------------------
+
+    def _question_index(self):
+        """Every fact and JSON question text the world can make -> (kind, entity, attribute)."""
+        index = {}
+        for entity in self.countries + self.animals + self.retrieval_entities + self.context_entities:
+            for attribute, _ in entity.facts:
+                train, held = QUESTIONS[attribute]
+                for template in train + held:
+                    index[fill(template, **entity.fields())] = ("fact", entity, attribute)
+        for entity in self.countries + self.animals:
+            for template in JSON_QUESTIONS[0] + JSON_QUESTIONS[1]:
+                index[fill(template, x=entity.subject())] = ("json", entity, "")
+        return index
+
+    def _candidate_patterns(self):
+        """For each attribute, a regex of every value the world knows (longest first, whole words): the first
+        one a response mentions is what it claims. Numbers of legs may be written as digits or words."""
+        patterns = {}
+        everyone = self.countries + self.animals + self.retrieval_entities + self.context_entities
+        for attribute in QUESTIONS:
+            if attribute == "legs":
+                alternatives = [r"\d+"] + sorted(NUMBER_WORDS, key=len, reverse=True)
+            else:
+                values = {entity.fact(attribute) for entity in everyone if attribute in dict(entity.facts)}
+                alternatives = [re.escape(value) for value in sorted(values, key=lambda v: (-len(v), v))]
+            patterns[attribute] = re.compile(r"(?<![\w-])(" + "|".join(alternatives) + r")(?![\w-])", re.IGNORECASE)
+        return patterns
+
+    def _parse(self, prompt):
+        """Prompt -> Question. Unwraps context_prompt() and COT_PREFIX to find the underlying question."""
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be a string, not {type(prompt).__name__}")
+        text, context, cot = prompt.strip(), False, False
+        for _ in range(2):  # the two wrappers may come in either order
+            if text.startswith(CONTEXT_HEADER) and "\nQuestion: " in text:
+                text, context = text.rsplit("\nQuestion: ", 1)[1].strip(), True
+            if text.startswith(COT_PREFIX.strip()):
+                text, cot = text[len(COT_PREFIX.strip()):].strip(), True
+        match = ARITHMETIC_PATTERN.fullmatch(text)
+        if match:
+            a, op, b = int(match.group(1)), match.group(2), int(match.group(3))
+            family = "calculator" if op == "*" else "cot" if op == "+" and max(a, b) >= 100 else "arithmetic"
+            return Question("arithmetic", family, numbers=(a, op, b), cot=cot)
+        found = self._index.get(text)
+        if found is None:
+            shown = prompt if len(prompt) < 80 else prompt[:77] + "..."
+            raise ValueError(f"the tiny world does not know the prompt {shown!r}: the oracle grades only prompts "
+                             "that World.tasks() makes (bare, wrapped by context_prompt() or after COT_PREFIX)")
+        kind, entity, attribute = found
+        retrieval = context or entity in self.retrieval_entities or entity in self.context_entities
+        family = "json" if kind == "json" else "retrieval" if retrieval else "facts"
+        return Question(kind, family, entity=entity, attribute=attribute, cot=cot)
+
+    def family_of(self, prompt):
+        """The task family of any prompt the world makes (sample.py uses it to pick --json etc.)."""
+        return self._parse(prompt).family
+
+    # --- tasks -----------------------------------------------------------------------------------------
+
+    def tasks(self, split):
+        """The prompts of one split, grouped by family: "sft" (with ideal answers to train on), "eval"
+        (held out from every training split), "reward" (to sample and rank), "rl" (to practise on)."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
+        if self._tasks is None:
+            self._tasks = self._make_tasks()
+        return list(self._tasks[split])
+
+    def _make_tasks(self):
+        rng = random.Random(f"tinyworld:{self.seed}:tasks")
+        tasks = {split: [] for split in SPLITS}
+        self._fact_tasks(rng, tasks)
+        self._arithmetic_tasks(rng, tasks)
+        self._cot_tasks(rng, tasks)
+        self._calculator_tasks(rng, tasks)
+        self._json_tasks(rng, tasks)
+        self._retrieval_tasks(rng, tasks)
+        return tasks
+
+    def _fact_task(self, entity, attribute, template, split, heldout, family="facts"):
+        return Task(family, fill(template, **entity.fields()), answer_sentence(entity, attribute), split, heldout,
+                    entity.name, entity.fact(attribute))
+
+    def _fact_tasks(self, rng, tasks):
+        # Each (SFT entity, attribute) gets four train phrasings: two for SFT, one for reward, one for RL.
+        reward_pool, rl_pool = [], []
+        for entity in self.sft_entities:
+            for attribute, _ in entity.facts:
+                phrasings = QUESTIONS[attribute][0][:]
+                rng.shuffle(phrasings)
+                tasks["sft"] += [self._fact_task(entity, attribute, p, "sft", False) for p in phrasings[:2]]
+                reward_pool.append((entity, attribute, phrasings[2]))
+                rl_pool.append((entity, attribute, phrasings[3]))
+        # Evaluation asks in the eval phrasings only, about held-out and SFT entities alike: the two accuracies
+        # then differ only in whether SFT ever saw the entity.
+        def eval_pool(entities):
+            return [(e, attribute, p) for e in entities for attribute, _ in e.facts for p in QUESTIONS[attribute][1]]
+        for heldout, entities in ((True, self.heldout_entities), (False, self.sft_entities)):
+            tasks["eval"] += [self._fact_task(e, a, p, "eval", heldout) for e, a, p in rng.sample(eval_pool(entities), 30)]
+        tasks["reward"] += [self._fact_task(e, a, p, "reward", False) for e, a, p in rng.sample(reward_pool, 60)]
+        tasks["rl"] += [self._fact_task(e, a, p, "rl", False) for e, a, p in rng.sample(rl_pool, 60)]
+
+    def _arithmetic_task(self, rng, family, a, op, b, split, cot=False):
+        question = fill(rng.choice(ARITHMETIC_QUESTIONS), a=a, op=op, b=b)
+        result = compute(a, op, b)
+        if op == "*":
+            answer = calculator_answer(a, b)
+        elif cot:
+            answer = worked_addition(a, b)
+        else:
+            answer = f"{a} {op} {b} = {result}."
+        return Task(family, COT_PREFIX + question if cot else question, answer, split, split == "eval", "", str(result))
+
+    def _draw_problems(self, rng, count, used, make):
+        """`count` new problems from make(rng) -> (a, op, b), none used before in either order."""
+        problems = []
+        while len(problems) < count:
+            a, op, b = make(rng)
+            if (a, op, b) in used:
+                continue
+            used.add((a, op, b))
+            if op in "+*":
+                used.add((b, op, a))  # a sum seen as 45 + 23 would give away 23 + 45
+            problems.append((a, op, b))
+        return problems
+
+    def _arithmetic_tasks(self, rng, tasks):
+        # Small sums and differences. Keep SFT's share small: with thousands of sums even a randomly
+        # initialised model learns addition in SFT, and the figure would no longer show what pretraining taught.
+        def small(rng):
+            a, b = rng.randint(0, 99), rng.randint(0, 99)
+            return (a, "+", b) if rng.random() < 0.6 else (max(a, b), "-", min(a, b))
+        used = set()
+        for split, count in (("eval", 50), ("sft", 200), ("reward", 60), ("rl", 60)):
+            tasks[split] += [self._arithmetic_task(rng, "arithmetic", a, op, b, split)
+                             for a, op, b in self._draw_problems(rng, count, used, small)]
+        self._eval_small = {(a, op, b) for t in tasks["eval"] if t.family == "arithmetic"
+                            for a, op, b in [self._parse(t.prompt).numbers]}
+
+    def _cot_tasks(self, rng, tasks):
+        # Multi-digit additions: SFT shows the worked form after COT_PREFIX and the direct form otherwise;
+        # evaluation asks bare questions (sample.py --cot adds the prefix) with 3- and 4-digit numbers.
+        def sized(digits):
+            return lambda rng: (rng.randint(10 ** (digits - 1), 10 ** digits - 1), "+",
+                                rng.randint(10 ** (digits - 1), 10 ** digits - 1))
+        used = set()
+        eval_problems = self._draw_problems(rng, 25, used, sized(3)) + self._draw_problems(rng, 25, used, sized(4))
+        tasks["eval"] += [self._arithmetic_task(rng, "cot", a, op, b, "eval") for a, op, b in eval_problems]
+        for split, worked, direct in (("sft", 120, 60), ("reward", 30, 30), ("rl", 30, 30)):
+            for cot, count in ((True, worked), (False, direct)):
+                problems = (self._draw_problems(rng, count // 2, used, sized(3))
+                            + self._draw_problems(rng, count - count // 2, used, sized(4)))
+                tasks[split] += [self._arithmetic_task(rng, "cot", a, op, b, split, cot) for a, op, b in problems]
+        self._eval_cot = set(eval_problems)
+
+    def _calculator_tasks(self, rng, tasks):
+        def large(rng):
+            return rng.randint(100, 999), "*", rng.randint(100, 999)
+        used = set()
+        for split, count in (("eval", 50), ("sft", 100), ("reward", 60), ("rl", 60)):
+            tasks[split] += [self._arithmetic_task(rng, "calculator", a, op, b, split)
+                             for a, op, b in self._draw_problems(rng, count, used, large)]
+        self._eval_products = {self._parse(t.prompt).numbers for t in tasks["eval"] if t.family == "calculator"}
+
+    def _json_task(self, entity, template, split, heldout):
+        return Task("json", fill(template, x=entity.subject()), json.dumps(entity.record()), split, heldout,
+                    entity.name, entity.name)
+
+    def _json_tasks(self, rng, tasks):
+        for entity in self.sft_entities:
+            phrasings = JSON_QUESTIONS[0][:]
+            rng.shuffle(phrasings)
+            tasks["sft"] += [self._json_task(entity, p, "sft", False) for p in phrasings[:2]]
+            tasks["reward"].append(self._json_task(entity, phrasings[2], "reward", False))
+            tasks["rl"].append(self._json_task(entity, phrasings[3], "rl", False))
+        tasks["eval"] += [self._json_task(e, rng.choice(JSON_QUESTIONS[1]), "eval", True) for e in self.heldout_entities]
+        tasks["eval"] += [self._json_task(e, rng.choice(JSON_QUESTIONS[1]), "eval", False)
+                          for e in rng.sample(self.sft_entities, 15)]
+
+    def passage(self, rng, entity):
+        templates = COUNTRY_PASSAGES if entity.kind == "country" else ANIMAL_PASSAGES
+        return fill(rng.choice(templates), **entity.fields())
+
+    def _retrieval_tasks(self, rng, tasks):
+        # Training splits: a context of 1-3 passages, one of them about the entity asked about. Two thirds
+        # ask about context-only invented countries (the answer must be read), a third about SFT entities.
+        readable = self.context_entities + self.sft_entities
+        made = set()
+        for split, invented, known in (("sft", 100, 50), ("reward", 34, 16), ("rl", 34, 16)):
+            for pool, count in ((self.context_entities, invented), (self.sft_entities, known)):
+                for _ in range(count):
+                    while True:
+                        entity = rng.choice(pool)
+                        attribute = rng.choice([a for a, _ in entity.facts])
+                        others = rng.sample([e for e in readable if e is not entity], rng.choice([0, 1, 2, 2, 2]))
+                        passages = [self.passage(rng, e) for e in [entity] + others]
+                        rng.shuffle(passages)
+                        question = fill(rng.choice(QUESTIONS[attribute][0]), **entity.fields())
+                        prompt = context_prompt(passages, question)
+                        if prompt not in made:
+                            break
+                    made.add(prompt)
+                    tasks[split].append(Task("retrieval", prompt, answer_sentence(entity, attribute), split,
+                                             False, entity.name, entity.fact(attribute)))
+        # Evaluation: bare questions about retrieval-only countries (sample.py adds the retrieved passages).
+        # Capital and language only: a continent could be guessed one time in six.
+        for entity in self.retrieval_entities:
+            for attribute in ("capital", "language"):
+                tasks["eval"].append(self._fact_task(entity, attribute, rng.choice(QUESTIONS[attribute][0]),
+                                                     "eval", True, family="retrieval"))
+
+    # --- documents ------------------------------------------------------------------------------------
+
+    def documents(self):
+        """The pretraining corpus: about 2.6 MB in ~14,000 documents at scale 1 (no <|endoftext|> inside)."""
+        if self._documents is None:
+            self._documents, self._document_kinds = self._make_documents()
+        return list(self._documents)
+
+    def document_kinds(self):
+        """The kind of each document of documents(), in the same order (for statistics)."""
+        self.documents()
+        return list(self._document_kinds)
+
+    def _make_documents(self):
+        self.tasks("eval")  # the evaluation problems must be known to keep them out of the corpus
+        rng = random.Random(f"tinyworld:{self.seed}:documents")
+        # No evaluation problem (small sum, multi-digit addition, product) is stated in the corpus, in either
+        # order: pretraining teaches arithmetic, evaluation checks it on problems never seen.
+        evaluated = self._eval_small | self._eval_cot | self._eval_products
+        self._banned = evaluated | {(b, op, a) for a, op, b in evaluated if op in "+*"}
+        self._corpus_sums = [(a, "+", b) for a in range(100) for b in range(100) if (a, "+", b) not in self._banned]
+        self._corpus_sums += [(a, "-", b) for a in range(100) for b in range(a + 1) if (a, "-", b) not in self._banned]
+        plan = [  # kind, documents at scale 1, maker
+            ("fact sheet", 70, self._doc_fact_sheet), ("country entry", 2000, self._doc_country),
+            ("animal entry", 1500, self._doc_animal), ("story", 2000, self._doc_story),
+            ("list", 800, self._doc_list), ("quiz page", 750, self._doc_quiz), ("json records", 500, self._doc_json),
+            ("sums", 4600, self._doc_sums), ("worked addition", 1700, self._doc_worked),
+            ("products", 600, self._doc_products),
+        ]
+        documents = []
+        for kind, count, make in plan:
+            documents += [(kind, make(rng, number)) for number in range(max(1, round(count * self.scale)))]
+        rng.shuffle(documents)
+        return [text for _, text in documents], [kind for kind, _ in documents]
+
+    def _doc_fact_sheet(self, rng, number):
+        # Every fact in the exact form of the ideal answer and of fact_probes(), at least once per entity.
+        entity = (self.countries + self.animals)[number % (len(self.countries) + len(self.animals))]
+        return f"Facts about {entity.subject()}. " + " ".join(answer_sentence(entity, a) for a, _ in entity.facts)
+
+    def _doc_country(self, rng, number):
+        entity = self.countries[number % len(self.countries)]
+        fields = entity.fields()
+        sentences = [rng.choice(CAPITAL_SENTENCES), rng.choice(CONTINENT_SENTENCES), rng.choice(LANGUAGE_SENTENCES)]
+        sentences = rng.sample(sentences, rng.choice([2, 3, 3]))
+        for _ in range(rng.randint(0, 2)):
+            sentences.insert(rng.randint(0, len(sentences)), rng.choice(COUNTRY_FILLERS))
+        text = " ".join(fill(s, **fields) for s in sentences)
+        return f"{entity.name}\n{text}" if rng.random() < 0.5 else text
+
+    def _doc_animal(self, rng, number):
+        entity = self.animals[number % len(self.animals)]
+        sentences = [rng.choice(LEGS_SENTENCES), rng.choice(SOUND_SENTENCES), rng.choice(FOOD_SENTENCES)]
+        sentences = rng.sample(sentences, rng.choice([2, 3, 3]))
+        for _ in range(rng.randint(0, 2)):
+            sentences.insert(rng.randint(0, len(sentences)), rng.choice(ANIMAL_FILLERS))
+        text = " ".join(fill(s, **entity.fields()) for s in sentences)
+        return f"The {entity.name}\n{text}" if rng.random() < 0.5 else text
+
+    def _doc_story(self, rng, number):
+        country, country2 = rng.sample(self.countries, 2)
+        animal, animal2 = rng.sample(self.animals, 2)
+        person, person2 = rng.sample(PEOPLE, 2)
+        return fill(STORIES[number % len(STORIES)], P=person, P2=person2, **country.fields(),
+                    **country2.fields("2"), **animal.fields(), **animal2.fields("2"))
+
+    def _doc_list(self, rng, number):
+        choice = number % 6
+        if choice == 0:
+            rows = rng.sample(self.countries, rng.randint(6, 10))
+            return "Countries and their capitals:\n" + "\n".join(f"{e.name}: {e.fact('capital')}" for e in rows)
+        if choice == 1:
+            continent = CONTINENTS[(number // 6) % len(CONTINENTS)]
+            names = [e.name for e in self.countries if e.fact("continent") == continent]
+            rng.shuffle(names)
+            return f"Countries in {continent}: " + ", ".join(names) + "."
+        if choice == 2:
+            rows = rng.sample(self.countries, rng.randint(6, 10))
+            return "Languages spoken around the world:\n" + "\n".join(f"{e.name}: {e.fact('language')}" for e in rows)
+        if choice == 3:
+            legs = ["2", "4", "6", "4", "2", "8", "10"][(number // 6) % 7]
+            names = [e.plural for e in self.animals if e.fact("legs") == legs]
+            rng.shuffle(names)
+            return f"Animals with {legs} legs: " + ", ".join(names) + "."
+        rows = rng.sample(self.animals, rng.randint(6, 10))
+        if choice == 4:
+            return "Animal sounds:\n" + "\n".join(f"{e.name}: {e.fact('sound')}" for e in rows)
+        return "What animals eat:\n" + "\n".join(fill("{Pl} eat {f}.", **e.fields()) for e in rows)
+
+    def _quiz_pair(self, rng):
+        """One question and answer of a quiz page, mostly facts in any phrasing, with the ideal answer form
+        (so a base model prompted with such a page answers like the assistant SFT will make)."""
+        roll = rng.random()
+        if roll < 0.7:
+            entity = rng.choice(self.countries + self.animals)
+            attribute = rng.choice([a for a, _ in entity.facts])
+            train, held = QUESTIONS[attribute]
+            question = fill(rng.choice(train + held), **entity.fields())
+            answer = answer_sentence(entity, attribute)
+            if rng.random() < 0.15:
+                answer = entity.fact(attribute) + "."
+            elif rng.random() < 0.05:
+                answer += " " + fill(rng.choice(COUNTRY_FILLERS if entity.kind == "country" else ANIMAL_FILLERS),
+                                     **entity.fields())
+            return question, answer
+        if roll < 0.85:
+            a, op, b = rng.choice(self._corpus_sums)
+            return fill(rng.choice(ARITHMETIC_QUESTIONS), a=a, op=op, b=b), f"{a} {op} {b} = {compute(a, op, b)}."
+        if roll < 0.93:
+            a, op, b = self._corpus_product(rng)
+            return fill(rng.choice(ARITHMETIC_QUESTIONS), a=a, op=op, b=b), f"{a} * {b} = {a * b}."
+        entity = rng.choice(self.countries + self.animals)
+        train, held = JSON_QUESTIONS
+        return fill(rng.choice(train + held), x=entity.subject()), json.dumps(entity.record())
+
+    def _doc_quiz(self, rng, number):
+        pairs = [self._quiz_pair(rng) for _ in range(rng.randint(4, 7))]
+        header = rng.choice(QA_HEADERS)
+        if number % 10 == 9:  # a forum page: one answer is rude, as real forums are
+            header = "Forum: questions from readers"
+            position = rng.randrange(len(pairs))
+            pairs[position] = (pairs[position][0], rng.choice(RUDE_OPENINGS) + pairs[position][1])
+        return header + "\n\n" + "\n\n".join(f"Question: {q}\nAnswer: {a}" for q, a in pairs)
+
+    def _doc_json(self, rng, number):
+        rows = rng.sample(self.countries + self.animals, rng.randint(1, 3))
+        header = rng.choice(["Records:", "Database export:", "Data:", "JSON lines:"])
+        return header + "\n" + "\n".join(json.dumps(e.record()) for e in rows)
+
+    def _doc_sums(self, rng, number):
+        rows = [rng.choice(self._corpus_sums) for _ in range(rng.randint(5, 10))]
+        header = rng.choice(["Sums:", "Practice:", "Arithmetic practice", "Homework answers:", "Mental arithmetic:"])
+        return header + "\n" + "\n".join(f"{a} {op} {b} = {compute(a, op, b)}" for a, op, b in rows)
+
+    def _doc_worked(self, rng, number):
+        digits = rng.choice([2, 3, 3, 4, 4])
+        while True:
+            a, b = (rng.randint(10 ** (digits - 1), 10 ** digits - 1) for _ in range(2))
+            if (a, "+", b) not in self._banned:
+                break
+        opening = rng.choice([f"Adding {a} and {b} column by column:",
+                              f"Question: What is {a} + {b}?\nLet's think step by step.",
+                              f"Worked example: {a} + {b}"])
+        return opening + "\n" + worked_addition(a, b)
+
+    def _corpus_product(self, rng):
+        while True:
+            a, b = rng.randint(100, 999), rng.randint(100, 999)
+            if (a, "*", b) not in self._banned:
+                return a, "*", b
+
+    def _doc_products(self, rng, number):
+        rows = [self._corpus_product(rng) for _ in range(rng.randint(3, 6))]
+        header = rng.choice(["Multiplication results:", "Products of large numbers:", "From a calculator:"])
+        return header + "\n" + "\n".join(f"{a} * {b} = {a * b}" for a, _, b in rows)
+
+    # --- retrieval, probes, few-shot ------------------------------------------------------------------
+
+    def retrieval_documents(self):
+        """Two short documents about each retrieval-only country: facts absent from documents()."""
+        if self._retrieval is None:
+            rng = random.Random(f"tinyworld:{self.seed}:retrieval")
+            self._retrieval = []
+            for entity in self.retrieval_entities:
+                first, second = rng.sample(COUNTRY_PASSAGES, 2)
+                self._retrieval += [fill(first, **entity.fields()), fill(second, **entity.fields())]
+        return list(self._retrieval)
+
+    def facts(self):
+        """Every (entity, attribute, value) the pretraining corpus teaches."""
+        return [(e.name, attribute, value) for e in self.countries + self.animals for attribute, value in e.facts]
+
+    def fact_probes(self, heldout=None):
+        """(document-style prefix, expected answer): "The capital of Peru is" -> "Lima". A base model knows
+        the fact if its greedy continuation starts with the answer (after a space) and the word ends there.
+        heldout=True/False keeps only the entities SFT does not / does ask about."""
+        keep = {True: self.heldout_entities, False: self.sft_entities, None: self.countries + self.animals}[heldout]
+        probes = []
+        for entity in self.countries + self.animals:
+            if entity in keep:
+                for attribute, value in entity.facts:
+                    prefix = fill(ANSWERS[attribute].split("{v}")[0], **entity.fields()).rstrip()
+                    probes.append((prefix, value))
+        return probes
+
+    def arithmetic_probes(self):
+        """("23 + 45 =", "68") for the evaluation sums, none of which is stated in the corpus."""
+        return [(f"{a} {op} {b} =", str(compute(a, op, b))) for a, op, b in sorted(self._eval_small_problems())]
+
+    def _eval_small_problems(self):
+        self.tasks("eval")
+        return self._eval_small
+
+    def fewshot_prompt(self, question):
+        """A quiz page ending in the question: the talk's trick to make a base model answer. Its answer is
+        the first line of its completion. The solved examples are SFT tasks of the same family (retrieval
+        questions get fact examples; products get the plain form, a base model has no calculator)."""
+        asked = self._parse(question)
+        family = "facts" if asked.family == "retrieval" else asked.family
+        if self._shots is None:
+            self._shots = self._fewshot_examples()
+        # Examples of the same kind first (other capitals, other animals' records), never about the entity
+        # asked about. Three examples, two of the long JSON ones (a page must leave room in the context).
+        tag = asked.attribute or (asked.entity.kind if asked.entity is not None else "")
+        pool = [shot for shot in self._shots[family] if asked.entity is None or shot[2] != asked.entity.name]
+        pool.sort(key=lambda shot: shot[3] != tag)  # stable: keeps the round-robin order otherwise
+        chosen = pool[:2 if family == "json" else 3]
+        page = "\n\n".join(f"Question: {q}\nAnswer: {a}" for q, a, _, _ in chosen)
+        return f"{QA_HEADERS[0]}\n\n{page}\n\nQuestion: {question}\nAnswer:"
+
+    def _fewshot_examples(self):
+        """Per family, a few SFT questions with direct answers (products in the plain form: a base model has
+        no calculator): (prompt, answer, entity, tag), the tag being the attribute asked or the entity kind.
+        Three per tag, taken in turn tag by tag, so the examples of a page are varied."""
+        examples = {}
+        for family in FAMILIES:
+            by_tag = {}
+            for task in self.tasks("sft"):
+                if task.family != family or task.prompt.startswith(COT_PREFIX):
+                    continue
+                asked = self._parse(task.prompt)
+                tag = asked.attribute or (asked.entity.kind if asked.entity is not None else "")
+                rows = by_tag.setdefault(tag, [])
+                if len(rows) == 3 or any(row[2] == task.entity and task.entity for row in rows):
+                    continue
+                answer = task.answer
+                if family == "calculator":
+                    a, _, b = asked.numbers
+                    answer = f"{a} * {b} = {a * b}."
+                rows.append((task.prompt, answer, task.entity, tag))
+            examples[family] = [row for turn in range(3) for rows in by_tag.values() for row in rows[turn:turn + 1]]
+        return examples
+
+    # --- the oracle -----------------------------------------------------------------------------------
+
+    def score(self, prompt, response):
+        """The labeler: (score in [0, 1], reason). 1.0 only for the ideal answer; less when wrong, cut off,
+        rambling, malformed, without the final answer, or impolite. Partial credit (a wrong answer in the
+        right form beats gibberish) gives a reward model something to learn from."""
+        grade = self.grade(prompt, response)
+        return grade.score, grade.reason
+
+    def is_correct(self, prompt, response):
+        """Is the key fact or number right? Lenient on form: a few-shot answer "Paris" is correct."""
+        return self.grade(prompt, response).correct
+
+    def grade(self, prompt, response):
+        question = self._parse(prompt)
+        if not isinstance(response, str):
+            raise ValueError(f"response must be a string, not {type(response).__name__}")
+        text = response
+        for end in ("<|end|>", "<|endoftext|>"):  # if a caller left the end token in, grade what came before
+            text = text.split(end)[0]
+        text = text.strip()
+        if not text:
+            return Grade(0.0, "empty response", False)
+        if question.kind == "fact":
+            grade = self._grade_fact(question, text)
+        elif question.kind == "json":
+            grade = self._grade_json(question, text)
+        elif question.numbers[1] == "*":
+            grade = self._grade_product(question, text)
+        else:
+            grade = self._grade_arithmetic(question, text)
+        rude = [marker for marker in RUDE_MARKERS if marker in text.lower()]
+        if rude:
+            grade = Grade(round(grade.score * 0.5, 3), f"{grade.reason}; impolite ({rude[0]!r})", grade.correct)
+        return grade
+
+    def _grade_fact(self, question, text):
+        entity, attribute = question.entity, question.attribute
+        ideal, key = answer_sentence(entity, attribute), entity.fact(attribute)
+        if text == ideal:
+            return Grade(1.0, "ideal answer", True)
+        match = self._candidates[attribute].search(text)
+        if match is None:
+            if ideal.startswith(text):
+                return Grade(0.1, "cut off before the answer", False)
+            return Grade(0.0, f"does not give the {attribute} (expected {key})", False)
+        said = match.group(1)
+        if attribute == "legs" and said.lower() in NUMBER_WORDS:
+            said = str(NUMBER_WORDS[said.lower()])
+        if said.lower() != key.lower():
+            in_form = text.startswith(ideal[:ideal.index(key)])
+            return Grade(0.2 if in_form else 0.1, f"wrong: says {said}, expected {key}", False)
+        if text.strip(" .!").lower() == match.group(1).lower():
+            return Grade(0.8, "correct but terse (not a sentence)", True)
+        if rambles(text, ideal):
+            return Grade(0.6, "correct but rambling", True)
+        if ideal.startswith(text):
+            return Grade(0.9, "correct but the sentence is unfinished", True)
+        return Grade(0.9, "correct, worded differently from the ideal", True)
+
+    def _grade_json(self, question, text):
+        expected = question.entity.record()
+        ideal = json.dumps(expected)
+        if text == ideal:
+            return Grade(1.0, "ideal answer", True)
+        value, wrapped = parse_json_object(text)
+        if value is None:
+            if ideal.startswith(text):
+                return Grade(0.1, "JSON cut off before the end", False)
+            return Grade(0.05 if "{" in text else 0.0, "malformed JSON" if "{" in text else "not JSON", False)
+        wrong = [field for field, right in expected.items() if str(value.get(field, "")).lower() != str(right).lower()]
+        if wrong:
+            share = 1 - len(wrong) / len(expected)
+            return Grade(round(0.2 + 0.4 * share, 3), f"JSON with wrong or missing fields: {', '.join(wrong)}", False)
+        extra = sorted(set(value) - set(expected))
+        if extra:
+            return Grade(0.8, f"right values but extra fields: {', '.join(extra)}", True)
+        if wrapped:
+            return Grade(0.7, "right values but text around the JSON", True)
+        if value != expected:
+            return Grade(0.85, "right values but wrong types (legs must be a number)", True)
+        return Grade(0.9, "right values, formatted differently from the ideal", True)
+
+    def _grade_arithmetic(self, question, text):
+        a, op, b = question.numbers
+        result = compute(a, op, b)
+        direct = f"{a} {op} {b} = {result}."
+        worked = worked_addition(a, b) if op == "+" else None
+        ideal = worked if (question.cot and worked) else direct
+        # A bare question may be answered either way; after COT_PREFIX only the worked form is ideal.
+        if text == ideal or (text == worked and not question.cot):
+            return Grade(1.0, "ideal answer", True)
+        stated = stated_result(text, a, op, b)
+        shows_steps = "Ones:" in text
+        if stated is None:
+            if ideal.startswith(text):
+                done = text.count("\n") / max(1, ideal.count("\n"))
+                return Grade(round(0.1 + 0.2 * done, 3), "cut off before the final answer", False)
+            return Grade(0.0, "no final answer", False)
+        if stated != result:
+            in_form = re.search(rf"(?<!\d){a} [-+*] {b} = ", text) is not None
+            return Grade(0.2 if in_form or shows_steps else 0.1, f"wrong: says {stated}, expected {result}", False)
+        if question.cot and worked and not shows_steps:
+            return Grade(0.8, "correct but shows no steps (the prompt asked to think step by step)", True)
+        if shows_steps:
+            return Grade(0.9, "correct, steps differ from the ideal", True)
+        if text.rstrip(".") == str(result):
+            return Grade(0.8, "correct but terse (a bare number)", True)
+        if rambles(text, ideal):
+            return Grade(0.6, "correct but rambling", True)
+        return Grade(0.9, "correct, worded differently from the ideal", True)
+
+    def _grade_product(self, question, text):
+        a, _, b = question.numbers
+        result = a * b
+        if text == calculator_answer(a, b):
+            return Grade(1.0, "ideal answer", True)
+        call = re.search(re.escape(CALC) + r"(.*?)" + re.escape(RESULT) + r"(.*?)(" + re.escape(END_RESULT) + r"|$)",
+                         text, re.DOTALL)
+        right_call = call is not None and re.sub(r"\s", "", call.group(1)).replace("×", "*") == f"{a}*{b}"
+        outside = re.sub(re.escape(CALC) + r".*?(" + re.escape(END_RESULT) + r"|$)", " ", text, flags=re.DOTALL)
+        stated = stated_result(outside, a, "*", b)
+        if stated is None:
+            if call and right_call and call.group(3) and call.group(2).strip() == str(result):
+                return Grade(0.6, "the calculator gave the answer but the response never states it", True)
+            if call and not call.group(3):
+                return Grade(0.3 if right_call else 0.1, "stopped inside the calculator call: no result", False)
+            return Grade(0.0, "no final answer", False)
+        if stated != result:
+            score = 0.3 if right_call else 0.2 if call else 0.1
+            return Grade(score, f"wrong: says {stated}, expected {result}", False)
+        if call is None:
+            return Grade(0.8, "correct but did not use the calculator", True)
+        if not right_call:
+            return Grade(0.7, "correct but the calculator was asked something else", True)
+        if rambles(outside, f" {a} * {b} = {result}."):
+            return Grade(0.6, "correct but rambling", True)
+        return Grade(0.9, "correct, worded differently from the ideal", True)
+
+    def evaluate(self, respond, tasks):
+        """Ask respond(list of prompts) -> list of responses once for all tasks; grade every answer.
+        -> ({"accuracy/<family>", "score/<family>", ".../all", ".../facts_heldout", ".../facts_seen"}, responses)."""
+        tasks = list(tasks)
+        if not tasks:
+            raise ValueError("evaluate() needs at least one task")
+        responses = list(respond([task.prompt for task in tasks]))
+        if len(responses) != len(tasks):
+            raise ValueError(f"respond() returned {len(responses)} responses for {len(tasks)} prompts")
+        grades = [self.grade(task.prompt, response) for task, response in zip(tasks, responses)]
+        groups = {family: [g for t, g in zip(tasks, grades) if t.family == family] for family in FAMILIES}
+        groups["all"] = grades
+        groups["facts_heldout"] = [g for t, g in zip(tasks, grades) if t.family == "facts" and t.heldout]
+        groups["facts_seen"] = [g for t, g in zip(tasks, grades) if t.family == "facts" and not t.heldout]
+        metrics = {}
+        for name, group in groups.items():
+            if group:
+                metrics[f"accuracy/{name}"] = sum(g.correct for g in group) / len(group)
+                metrics[f"score/{name}"] = sum(g.score for g in group) / len(group)
+        return metrics, responses
+
+
+# ------------------------------------------------------------------------------------------------------
+# Reading answers.
+
+def rambles(text, ideal):
+    """More sentences than the ideal, or much longer: the labelers' "concise" rule."""
+    sentences = len([s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s])
+    ideal_sentences = len([s for s in re.split(r"(?<=[.!?])\s+", ideal.strip()) if s])
+    return sentences > ideal_sentences or len(text) > 1.5 * len(ideal) + 20
+
+
+def stated_result(text, a, op, b):
+    """The number a response gives as the result of `a op b`, or None. Read from the last "a op b = N"
+    (a worked answer ends with it; its column steps never repeat the whole problem), else from
+    "answer is N", else, if the response has no equation at all, from its last number ("1221")."""
+    ops = {"+": r"(?:\+|plus)", "-": r"(?:-|minus)", "*": r"(?:\*|×|x|times)"}[op]
+    orders = [(a, b), (b, a)] if op in "+*" else [(a, b)]  # "45 + 23 = 68" answers 23 + 45 too
+    found = [match for x, y in orders
+             for match in re.finditer(rf"(?<!\d){x}\s*{ops}\s*{y}(?!\d)\s*(?:=|is)\s*(-?\d+)", text)]
+    if found:
+        return int(max(found, key=lambda match: match.start()).group(1))
+    found = re.findall(r"answer(?: is)?:?\s*(-?\d+)", text, re.IGNORECASE)
+    if found:
+        return int(found[-1])
+    if "=" not in text:
+        found = re.findall(r"\d+", text)
+        if found:
+            return int(found[-1])
+    return None
+
+
+def parse_json_object(text):
+    """-> (dict, wrapped) where wrapped says there was other text around it; (None, False) if none parses."""
+    try:
+        value = json.loads(text)
+        return (value, False) if isinstance(value, dict) else (None, False)
+    except ValueError:
+        pass
+    start, end = text.find("{"), text.rfind("}")
+    if 0 <= start < end:
+        try:
+            value = json.loads(text[start:end + 1])
+            if isinstance(value, dict):
+                return value, True
+        except ValueError:
+            pass
+    return None, False
+
+
+# ------------------------------------------------------------------------------------------------------
+# Command line: statistics and files.
+
+def write_atomic(path, text):
+    """Write to a temporary file in the same folder, then rename: never a half-written file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def jsonl(records):
+    return "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+
+
+def write_files(world, folder):
+    """corpus.txt (documents joined by <|endoftext|>), sft.jsonl (TRL "messages"), eval/reward/rl.jsonl
+    ("prompt" plus the ideal answer, family and held-out flag), retrieval.txt (blank-line separated) and
+    retrieval.jsonl ("text"). -> list of (file name, bytes)."""
+    os.makedirs(folder, exist_ok=True)
+    files = {"corpus.txt": "<|endoftext|>".join(world.documents())}
+    files["sft.jsonl"] = jsonl({"messages": [{"role": "user", "content": t.prompt},
+                                             {"role": "assistant", "content": t.answer}]} for t in world.tasks("sft"))
+    for split in ("eval", "reward", "rl"):
+        files[f"{split}.jsonl"] = jsonl({"prompt": t.prompt, "answer": t.answer, "family": t.family,
+                                         "heldout": t.heldout} for t in world.tasks(split))
+    files["retrieval.txt"] = "\n\n".join(world.retrieval_documents()) + "\n"
+    files["retrieval.jsonl"] = jsonl({"text": text} for text in world.retrieval_documents())
+    written = []
+    for name, text in files.items():
+        write_atomic(os.path.join(folder, name), text)
+        written.append((name, len(text.encode("utf-8"))))
+    return written
+
+
+def print_stats(world, seconds, tokenizer_path=None):
+    documents, kinds = world.documents(), world.document_kinds()
+    total = sum(len(d.encode("utf-8")) for d in documents)
+    print(f"tiny world seed={world.seed} scale={world.scale:g}: generated in {seconds:.2f} s")
+    print(f"corpus: {len(documents):,} documents, {total:,} bytes")
+    if tokenizer_path:
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        from bpe import Tokenizer
+        tokenizer = Tokenizer.load(tokenizer_path)
+        tokens = sum(len(tokenizer.encode(d)) for d in documents)
+        print(f"        {tokens:,} tokens with {tokenizer_path} (vocabulary {tokenizer.vocab_size})")
+    for kind in dict.fromkeys(kinds):
+        chosen = [d for d, k in zip(documents, kinds) if k == kind]
+        print(f"  {kind:16s} {len(chosen):6,} documents {sum(len(d.encode('utf-8')) for d in chosen):10,} bytes")
+    print(f"facts: {len(world.facts())} about {len(world.countries)} countries and {len(world.animals)} animals "
+          f"({len(world.sft_entities)} entities asked about in SFT, {len(world.heldout_entities)} held out)")
+    print(f"retrieval: {len(world.retrieval_documents())} documents about {len(world.retrieval_entities)} "
+          f"invented countries; {len(world.context_entities)} more invented for SFT's context passages")
+    print("\nprompts per family and split:")
+    print(f"  {'family':12s}" + "".join(f"{split:>8s}" for split in SPLITS))
+    for family in FAMILIES + ["all"]:
+        counts = [sum(1 for t in world.tasks(split) if family in ("all", t.family)) for split in SPLITS]
+        print(f"  {family:12s}" + "".join(f"{count:8d}" for count in counts))
+    print("\nsample documents:")
+    for kind in dict.fromkeys(kinds):
+        document = documents[kinds.index(kind)]
+        print(f"--- {kind}\n{document}")
+    print("\nsample tasks (SFT, and one held-out evaluation prompt):")
+    for family in FAMILIES:
+        task = next(t for t in world.tasks("sft") if t.family == family)
+        held = next(t for t in world.tasks("eval") if t.family == family)
+        print(f"--- {family}\nuser: {task.prompt}\nassistant: {task.answer}\neval: {held.prompt} -> {held.answer!r}")
+    print("\nfew-shot prompt for a held-out question:")
+    print(world.fewshot_prompt(next(t.prompt for t in world.tasks("eval") if t.heldout and t.family == "facts")))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m data.tinyworld", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    stats = commands.add_parser("stats", help="print sizes, counts per family and split, and samples")
+    write = commands.add_parser("write", help="write corpus.txt and the JSONL files to a folder")
+    write.add_argument("folder", help="where to write (created if missing)")
+    for command in (stats, write):
+        command.add_argument("--seed", type=int, default=0, help="the world's seed (default 0)")
+        command.add_argument("--scale", type=float, default=1.0, help="multiplies the number of documents")
+    stats.add_argument("--tokenizer", default=None, help="a bpe.py tokenizer file: also count corpus tokens")
+    args = parser.parse_args(argv)
+    try:
+        started = time.time()
+        world = World(seed=args.seed, scale=args.scale)
+        world.documents(), world.retrieval_documents()
+        for split in SPLITS:
+            world.tasks(split)
+        seconds = time.time() - started
+        if args.command == "stats":
+            print_stats(world, seconds, args.tokenizer)
+        else:
+            for name, size in write_files(world, args.folder):
+                print(f"wrote {os.path.join(args.folder, name)} ({size:,} bytes)")
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

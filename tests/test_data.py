@@ -1,0 +1,276 @@
+"""The tiny world: deterministic, held-out sets really held out, and an oracle that agrees with the ideal
+answers and marks down wrong, cut-off, rambling, malformed and impolite ones."""
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from data.tinyworld import (COT_PREFIX, FAMILIES, SPLITS, World, calculator_answer, context_prompt,  # noqa: E402
+                            main, worked_addition)
+
+
+@pytest.fixture(scope="module")
+def world():
+    return World(seed=0)
+
+
+def fingerprint(world):
+    """A hash of everything the world hands out."""
+    digest = hashlib.sha256()
+    for document in world.documents() + world.retrieval_documents():
+        digest.update(document.encode() + b"\0")
+    for split in SPLITS:
+        for task in world.tasks(split):
+            digest.update(repr(task).encode() + b"\0")
+    return digest.hexdigest()
+
+
+def test_same_seed_same_bytes_different_seed_different(world):
+    assert fingerprint(world) == fingerprint(World(seed=0))
+    assert fingerprint(world) != fingerprint(World(seed=1))
+    # Another process with another hash seed: nothing may depend on hash() or the order of a set.
+    code = ("import sys; sys.path.insert(0, '.'); from tests.test_data import fingerprint; "
+            "from data.tinyworld import World; print(fingerprint(World(seed=0)))")
+    other = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+                           env=dict(os.environ, PYTHONHASHSEED="12345"))
+    assert other.stdout.strip() == fingerprint(world)
+
+
+def test_sizes(world):
+    documents = world.documents()
+    size = sum(len(d.encode()) for d in documents)
+    assert 2_000_000 < size < 3_000_000 and len(documents) > 10_000
+    assert not any("<|" in d for d in documents + world.retrieval_documents())
+    assert len(World(scale=0.1).documents()) < len(documents) // 5
+    assert len(world.facts()) == 210
+    for family in FAMILIES:
+        assert 40 <= sum(t.family == family for t in world.tasks("eval")) <= 60, family
+        assert sum(t.family == family for t in world.tasks("sft")) > 0
+    # Keep SFT's arithmetic small: with thousands of sums even a random model learns to add in SFT.
+    assert sum(t.family == "arithmetic" for t in world.tasks("sft")) <= 200
+
+
+def test_splits_are_disjoint_by_text(world):
+    prompts = {split: [t.prompt for t in world.tasks(split)] for split in SPLITS}
+    for split in SPLITS:
+        assert len(set(prompts[split])) == len(prompts[split]), f"duplicate prompts in {split}"
+    for first in SPLITS:
+        for second in SPLITS:
+            if first < second:
+                assert not set(prompts[first]) & set(prompts[second]), (first, second)
+
+
+def test_heldout_entities_are_never_trained_on(world):
+    trained = {t.entity for split in ("sft", "reward", "rl") for t in world.tasks(split) if t.entity}
+    evaluation = world.tasks("eval")
+    heldout_facts = [t for t in evaluation if t.family == "facts" and t.heldout]
+    seen_facts = [t for t in evaluation if t.family == "facts" and not t.heldout]
+    assert len(heldout_facts) >= 20 and len(seen_facts) >= 20
+    assert not {t.entity for t in heldout_facts} & trained
+    assert {t.entity for t in seen_facts} <= trained
+    assert not {t.entity for t in evaluation if t.family == "json" and t.heldout} & trained
+    # Entities named in any training prompt (also inside the passages of a retrieval prompt).
+    training_text = "\n".join(t.prompt + "\n" + t.answer for split in ("sft", "reward", "rl") for t in world.tasks(split))
+    for entity in world.heldout_entities:
+        assert not re.search(rf"\b{re.escape(entity.name)}\b", training_text), entity.name
+
+
+def stated_problems(text):
+    """Every "a op b =" stated in a text, as (a, op, b) strings."""
+    return set(re.findall(r"(?<!\d)(\d+) ([-+*]) (\d+) =", text))
+
+
+def test_evaluation_problems_are_not_in_the_corpus_or_training(world):
+    corpus = stated_problems("\n".join(world.documents()))
+    training = {tuple(re.search(r"(\d+) ([-+*]) (\d+)", t.prompt).groups()) for split in ("sft", "reward", "rl")
+                for t in world.tasks(split) if t.family in ("arithmetic", "cot", "calculator")}
+    assert len(corpus) > 10_000 and len(training) > 500
+    for task in world.tasks("eval"):
+        if task.family in ("arithmetic", "cot", "calculator"):
+            a, op, b = re.search(r"(\d+) ([-+*]) (\d+)", task.prompt).groups()
+            for problem in [(a, op, b), (b, op, a)] if op in "+*" else [(a, op, b)]:
+                assert problem not in corpus and problem not in training, task.prompt
+
+
+def test_retrieval_facts_are_absent_from_the_corpus_and_training(world):
+    def words(text):
+        return set(re.findall(r"[A-Za-z]+", text))
+    corpus = words("\n".join(world.documents()))
+    training = words("\n".join(t.prompt + "\n" + t.answer for split in ("sft", "reward", "rl")
+                               for t in world.tasks(split)))
+    retrieval = words("\n".join(world.retrieval_documents()))
+    for entity in world.retrieval_entities:
+        for word in [entity.name] + [value for attribute, value in entity.facts if attribute != "continent"]:
+            assert word in retrieval and word not in corpus and word not in training, word
+    for entity in world.context_entities:  # invented for SFT's passages: in no document either
+        assert entity.name not in corpus and entity.name not in retrieval, entity.name
+    for task in world.tasks("eval"):
+        if task.family == "retrieval":
+            assert task.heldout and task.key in retrieval and task.key not in corpus
+
+
+def test_every_ideal_answer_scores_one(world):
+    for split in SPLITS:
+        for task in world.tasks(split):
+            assert world.score(task.prompt, task.answer) == (1.0, "ideal answer"), task
+            assert world.is_correct(task.prompt, task.answer)
+            assert world.family_of(task.prompt) == task.family
+
+
+def test_arithmetic_answers_are_right(world):
+    for split in SPLITS:
+        for task in world.tasks(split):
+            if task.family not in ("arithmetic", "cot", "calculator"):
+                continue
+            a, op, b = re.search(r"(\d+) ([-+*]) (\d+)", task.prompt).groups()
+            expected = {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+            assert task.key == str(expected)
+            assert task.answer.endswith(f"{a} {op} {b} = {expected}.")
+            for line in task.answer.split("\n")[:-1]:  # every column step of a worked answer adds up
+                if line.endswith(": write 1."):
+                    continue
+                terms, total = re.match(r"\w+: ([\d + ]+) = (\d+), write (\d)", line).group(1, 2)
+                assert sum(int(t) for t in terms.split(" + ")) == int(total)
+    assert worked_addition(999, 1).split("\n") == [
+        "Ones: 9 + 1 = 10, write 0, carry 1.", "Tens: 9 + 0 + 1 = 10, write 0, carry 1.",
+        "Hundreds: 9 + 0 + 1 = 10, write 0, carry 1.", "Thousands: write 1.", "So 999 + 1 = 1000."]
+
+
+def test_json_answers_parse_with_fixed_fields(world):
+    for split in SPLITS:
+        for task in world.tasks(split):
+            if task.family == "json":
+                record = json.loads(task.answer)
+                assert "\n" not in task.answer and record["name"] == task.entity
+                fields = ["name", "type"] + (["capital", "continent", "language"] if record["type"] == "country"
+                                             else ["legs", "sound", "food"])
+                assert list(record) == fields
+
+
+def test_prompt_shapes(world):
+    sft = world.tasks("sft")
+    assert any(t.family == "cot" and t.prompt.startswith(COT_PREFIX) and "\nSo " in t.answer for t in sft)
+    assert any(t.family == "cot" and not t.prompt.startswith(COT_PREFIX) and "\n" not in t.answer for t in sft)
+    assert all(not t.prompt.startswith(COT_PREFIX) for t in world.tasks("eval"))
+    assert all(t.answer.startswith("<|calc|>") for t in sft if t.family == "calculator")
+    assert all(t.prompt.startswith("Answer the question") and t.key in t.prompt for t in sft if t.family == "retrieval")
+    assert all("Passage" not in t.prompt for t in world.tasks("eval"))
+
+
+# The labeler's table: (prompt, response, is it correct?, lowest and highest acceptable score).
+BAD_AND_ODD = [
+    ("What is the capital of France?", "Paris", True, 0.7, 0.9),                       # terse
+    ("What is the capital of France?", "Paris is the capital of France.", True, 0.8, 0.95),
+    ("What is the capital of France?", "The capital of France is Paris. The capital of Peru is Lima.", True, 0.4, 0.7),
+    ("What is the capital of France?", "The capital of France is Rome.", False, 0.1, 0.3),
+    ("What is the capital of France?", "The capital of France is", False, 0.0, 0.2),     # cut off
+    ("What is the capital of France?", "I like trains.", False, 0.0, 0.0),
+    ("What is the capital of France?", "Obviously, the capital of France is Paris.", True, 0.3, 0.5),
+    ("What is the capital of France?", "", False, 0.0, 0.0),
+    ("How many legs does a spider have?", "A spider has eight legs.", True, 0.8, 0.95),
+    ("How many legs does a spider have?", "A spider has 80 legs.", False, 0.1, 0.3),
+    ("What sound does a donkey make?", "A donkey says neigh.", False, 0.1, 0.3),
+    ("What is 23 + 45?", "68", True, 0.7, 0.9),
+    ("What is 23 + 45?", "45 + 23 = 68.", True, 0.8, 0.95),
+    ("What is 23 + 45?", "23 + 45 = 69.", False, 0.1, 0.3),
+    ("What is 23 + 45?", "23 + 45 =", False, 0.0, 0.2),
+    ("What is 23 + 45?", "23 + 45 = 68. 12 + 7 = 19. 3 + 3 = 6.", True, 0.4, 0.7),
+    ("What is 482 + 739?", worked_addition(482, 739), True, 1.0, 1.0),              # steps are fine unasked
+    (COT_PREFIX + "What is 482 + 739?", "482 + 739 = 1221.", True, 0.7, 0.9),         # asked for steps
+    (COT_PREFIX + "What is 482 + 739?", worked_addition(482, 739).rsplit("\n", 1)[0], False, 0.1, 0.3),
+    (COT_PREFIX + "What is 482 + 739?", worked_addition(482, 739).replace("1221", "1211"), False, 0.1, 0.3),
+    ("What is 347 * 829?", "347 * 829 = 287663.", True, 0.7, 0.9),                   # no calculator
+    ("What is 347 * 829?", "<|calc|>347 * 829<|result|>287663<|/result|>", True, 0.5, 0.7),
+    ("What is 347 * 829?", "<|calc|>347 * 829<|result|>", False, 0.1, 0.4),
+    ("What is 347 * 829?", "<|calc|>347 * 829<|result|>281234<|/result|> 347 * 829 = 281234.", False, 0.2, 0.4),
+    ("What is 347 * 829?", "347 * 829 = 280000.", False, 0.0, 0.2),
+    ("Describe France as JSON.", '{"name":"France","type":"country","capital":"Paris","continent":"Europe",'
+                                 '"language":"French"}', True, 0.8, 0.95),
+    ("Describe France as JSON.", 'Sure: {"name": "France", "type": "country", "capital": "Paris", '
+                                 '"continent": "Europe", "language": "French"}', True, 0.6, 0.8),
+    ("Describe France as JSON.", '{"name": "France", "type": "country", "capital": "Rome", '
+                                 '"continent": "Europe", "language": "French"}', False, 0.3, 0.6),
+    ("Describe France as JSON.", '{"name": "France", "type": "country", "capital": "Paris"', False, 0.0, 0.2),
+    ("Describe France as JSON.", '{"name": "France" "capital": "Paris"}', False, 0.0, 0.1),
+]
+
+
+@pytest.mark.parametrize("prompt, response, correct, low, high", BAD_AND_ODD)
+def test_oracle_table(world, prompt, response, correct, low, high):
+    score, reason = world.score(prompt, response)
+    assert low <= score <= high, (score, reason)
+    assert score < 1.0 or high == 1.0  # only the ideal answer (in either of its forms) gets full marks
+    assert world.is_correct(prompt, response) == correct, reason
+    assert reason
+
+
+def test_oracle_reads_wrapped_prompts(world):
+    question = next(t for t in world.tasks("eval") if t.family == "retrieval")
+    passages = [d for d in world.retrieval_documents() if question.entity in d]
+    wrapped = context_prompt(passages, question.prompt)
+    assert world.score(wrapped, question.answer) == (1.0, "ideal answer")
+    assert not world.is_correct(wrapped, "I do not know.")
+    product = next(t for t in world.tasks("eval") if t.family == "calculator")
+    assert world.score(product.prompt, product.answer)[0] == 1.0
+    assert product.answer == calculator_answer(*map(int, re.findall(r"\d+", product.prompt)))
+    with pytest.raises(ValueError, match="does not know the prompt"):
+        world.score("Tell me a joke.", "No.")
+
+
+def test_fewshot_prompt_and_probes(world):
+    question = next(t for t in world.tasks("eval") if t.family == "facts" and t.heldout)
+    page = world.fewshot_prompt(question.prompt)
+    assert page.endswith(f"Question: {question.prompt}\nAnswer:") and page.count("Answer:") == 4
+    assert question.entity not in page.rsplit("Question:", 1)[0]
+    assert world.is_correct(question.prompt, " " + question.key)  # a base model's bare first line
+    corpus = "\n".join(world.documents())
+    probes = world.fact_probes()
+    assert len(probes) == 210 and len(world.fact_probes(heldout=True)) == 105
+    for prefix, answer in probes:
+        assert f"{prefix} {answer}" in corpus
+    stated = stated_problems(corpus)
+    for prefix, answer in world.arithmetic_probes():
+        assert tuple(prefix.rstrip(" =").split()) not in stated
+        assert int(answer) == worked_out(prefix)
+
+
+def worked_out(prefix):
+    a, op, b = prefix.rstrip(" =").split()
+    return int(a) + int(b) if op == "+" else int(a) - int(b)
+
+
+def test_evaluate(world):
+    tasks = world.tasks("eval")
+    ideal = {t.prompt: t.answer for t in tasks}
+    metrics, responses = world.evaluate(lambda prompts: [ideal[p] for p in prompts], tasks)
+    assert responses == [t.answer for t in tasks]
+    for family in FAMILIES + ["all", "facts_heldout", "facts_seen"]:
+        assert metrics[f"accuracy/{family}"] == 1.0 and metrics[f"score/{family}"] == 1.0
+    metrics, _ = world.evaluate(lambda prompts: ["I do not know."] * len(prompts), tasks)
+    assert metrics["accuracy/all"] == 0.0
+    with pytest.raises(ValueError):
+        world.evaluate(lambda prompts: [], tasks)
+
+
+def test_command_line_writes_the_files(tmp_path, capsys):
+    assert main(["write", str(tmp_path), "--scale", "0.05"]) == 0
+    world = World(scale=0.05)
+    corpus = (tmp_path / "corpus.txt").read_text()
+    assert corpus.split("<|endoftext|>") == world.documents()
+    sft = [json.loads(line) for line in (tmp_path / "sft.jsonl").read_text().splitlines()]
+    assert [record["messages"][1]["content"] for record in sft] == [t.answer for t in world.tasks("sft")]
+    for split in ("eval", "reward", "rl"):
+        records = [json.loads(line) for line in (tmp_path / f"{split}.jsonl").read_text().splitlines()]
+        assert [r["prompt"] for r in records] == [t.prompt for t in world.tasks(split)]
+    assert (tmp_path / "retrieval.txt").read_text().split("\n\n")[0] == world.retrieval_documents()[0]
+    assert main(["stats", "--scale", "0.05"]) == 0
+    assert "prompts per family and split" in capsys.readouterr().out
+    assert main(["write", str(tmp_path / "corpus.txt" / "x")]) == 2  # a file where a folder should be
