@@ -43,7 +43,7 @@ SPLITS = ["sft", "eval", "reward", "rl"]
 COT_PREFIX = "Let's think step by step. "
 
 # Retrieval prompts: passages first, then the question (the format SFT teaches and sample.py builds).
-CONTEXT_HEADER = "Answer the question using the passages below."
+CONTEXT_HEADER = "Answer using the passages below."
 
 # Calculator markers (the strings of bpe.py's special tokens; see SPEC's tool-calling format).
 CALC, RESULT, END_RESULT = "<|calc|>", "<|result|>", "<|/result|>"
@@ -219,8 +219,7 @@ STORIES = [
 # SFT teaches -- find the passage about the entity, copy the fact -- works on the retrieval documents).
 COUNTRY_PASSAGES = ["{C} is a country in {cont}. Its capital is {cap}, and the people of {c} speak {lang}.",
                     "{cap} is the capital of {c}, a country in {cont}. Most people in {c} speak {lang}.",
-                    "Travel note: {C} lies in {cont}. Visitors arrive in {cap}, the capital, and hear {lang} "
-                    "spoken everywhere."]
+                    "Travel note: {C} lies in {cont}. Visitors arrive in {cap}, the capital, and hear {lang}."]
 ANIMAL_PASSAGES = ["{A} is an animal with {n} legs. It says {s} and eats {f}.",
                    "{Pl} have {n} legs. {A} says {s}, and its food is {f}."]
 QA_HEADERS = ["Questions and answers", "Quiz", "Frequently asked questions", "Test yourself"]
@@ -767,8 +766,12 @@ class World:
     def fewshot_prompt(self, question):
         """A quiz page ending in the question: the talk's trick to make a base model answer. Its answer is
         the first line of its completion. The solved examples are SFT tasks of the same family (retrieval
-        questions get fact examples; products get the plain form, a base model has no calculator)."""
-        asked = self._parse(question)
+        questions get fact examples; products get the plain form, a base model has no calculator). Any text
+        may be asked; one the world does not know gets fact examples."""
+        try:
+            asked = self._parse(question)
+        except ValueError:  # a user's own question (sample.py's chat with a base model): fact examples
+            asked = Question("unknown", "facts")
         family = "facts" if asked.family == "retrieval" else asked.family
         if self._shots is None:
             self._shots = self._fewshot_examples()
@@ -784,18 +787,20 @@ class World:
     def _fewshot_examples(self):
         """Per family, a few SFT questions with direct answers (products in the plain form: a base model has
         no calculator): (prompt, answer, entity, tag), the tag being the attribute asked or the entity kind.
-        Three per tag, taken in turn tag by tag, so the examples of a page are varied."""
+        Three per tag, each about another entity, taken in turn tag by tag, so that a page is varied."""
         examples = {}
         for family in FAMILIES:
-            by_tag = {}
+            by_tag, used = {}, set()
             for task in self.tasks("sft"):
                 if task.family != family or task.prompt.startswith(COT_PREFIX):
                     continue
                 asked = self._parse(task.prompt)
                 tag = asked.attribute or (asked.entity.kind if asked.entity is not None else "")
                 rows = by_tag.setdefault(tag, [])
-                if len(rows) == 3 or any(row[2] == task.entity and task.entity for row in rows):
+                if len(rows) == 3 or task.entity in used:  # each example about another entity
                     continue
+                if task.entity:
+                    used.add(task.entity)
                 answer = task.answer
                 if family == "calculator":
                     a, _, b = asked.numbers

@@ -13,7 +13,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from data.tinyworld import (COT_PREFIX, FAMILIES, SPLITS, World, calculator_answer, context_prompt,  # noqa: E402
+from data.tinyworld import (CONTEXT_HEADER, COT_PREFIX, FAMILIES, SPLITS, World, calculator_answer, context_prompt,  # noqa: E402
                             main, worked_addition)
 
 
@@ -161,7 +161,7 @@ def test_prompt_shapes(world):
     assert any(t.family == "cot" and not t.prompt.startswith(COT_PREFIX) and "\n" not in t.answer for t in sft)
     assert all(not t.prompt.startswith(COT_PREFIX) for t in world.tasks("eval"))
     assert all(t.answer.startswith("<|calc|>") for t in sft if t.family == "calculator")
-    assert all(t.prompt.startswith("Answer the question") and t.key in t.prompt for t in sft if t.family == "retrieval")
+    assert all(t.prompt.startswith(CONTEXT_HEADER) and t.key in t.prompt for t in sft if t.family == "retrieval")
     assert all("Passage" not in t.prompt for t in world.tasks("eval"))
 
 
