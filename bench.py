@@ -60,7 +60,8 @@ def bench_tokenizer(args):
     corpora = [("1x", text)]
     if not args.quick:
         corpora.append((f"{-(-10_000_000 // size)}x", text * -(-10_000_000 // size)))   # ~10 MB
-    print(f"text: {path} ({size:,} bytes); 8 special tokens; one process; best of {repeats}")
+    print(f"text: {path} ({size:,} bytes); 8 special tokens; one process; best of {repeats}; "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (a busy machine slows every figure)")
     print("\ntraining (pre-split + counting + merges)")
     rows = []
     tokenizers = {}
@@ -88,35 +89,38 @@ def bench_tokenizer(args):
     print("target: encode >= 5 MB/s; tiktoken (Rust) 17 MB/s; Hugging Face tokenizers 1.0 MB/s; minbpe 0.9 MB/s")
 
     print("\nfast trainer against the plain reference (merge loops only, same pre-split chunks, vocab 1024)")
-    compiled = bpe.compile_pattern(bpe.SPLIT_PATTERN)
-    chunks = [chunk.encode("utf-8") for chunk in compiled.findall(text)]
+    chunk_texts = bpe.compile_pattern(bpe.SPLIT_PATTERN).findall(text)
+    chunks = [chunk.encode("utf-8") for chunk in chunk_texts]
     num_merges = 1024 - 256 - len(bpe.SPECIAL_TOKENS)
     fast_seconds, fast_merges = best_seconds(lambda: bpe.train_merges_fast(Counter(chunks), num_merges))
-    # The reference recounts every pair of the whole text after each merge: minutes at vocab 1024. With
-    # --quick it runs only for about 30 s and the total is extrapolated linearly (an overestimate: later
-    # merges run over fewer tokens, so they are cheaper than the first ones).
-    probe = 10
-    start = time.perf_counter()
-    reference_merges = bpe.train_merges_reference(chunks, probe)
-    probe_seconds = time.perf_counter() - start
-    measured = num_merges if not args.quick else max(probe, min(num_merges, int(30 / (probe_seconds / probe))))
-    if measured > probe:
-        print(f"(running the reference for {measured} merges, about {probe_seconds / probe * measured:.0f} s "
-              f"or less ...)", flush=True)
+    # The reference recounts every pair of the whole text after each merge: minutes at vocab 1024, and each
+    # merge is cheaper than the one before (the text has fewer tokens). So we time a few of its merges at
+    # several points along the run (starting it from the text as the fast trainer's first j merges left
+    # it) and sum the per-merge cost over all merges (trapezoid rule). If that estimate is under 2 minutes
+    # (and not --quick), the whole run is timed as well.
+    points, per_point = (4, 3) if args.quick else (8, 5)
+    starts = [round(k * (num_merges - per_point) / (points - 1)) for k in range(points)]
+    costs = []
+    for first in starts:
+        so_far = bpe.Tokenizer([(pair, 256 + k) for k, pair in enumerate(fast_merges[:first])], {}, pattern=None)
+        merged_chunks = [so_far.encode_ordinary(chunk) for chunk in chunk_texts]
         start = time.perf_counter()
-        reference_merges = bpe.train_merges_reference(chunks, measured)
+        merges = bpe.train_merges_reference(merged_chunks, per_point, first_id=256 + first)
+        costs.append((time.perf_counter() - start) / per_point)
+        assert merges == fast_merges[first:first + per_point], "the fast trainer's merges differ from the reference's"
+    estimate = sum((costs[k] + costs[k + 1]) / 2 * (starts[k + 1] - starts[k]) for k in range(points - 1))
+    estimate += costs[-1] * (num_merges - starts[-1])
+    rows = [["reference, estimated", f"{estimate:.0f}", f"{estimate / fast_seconds:,.0f}x"]]
+    if not args.quick and estimate <= 120:
+        start = time.perf_counter()
+        merges = bpe.train_merges_reference(chunks, num_merges)
         reference_seconds = time.perf_counter() - start
-    else:
-        reference_seconds = probe_seconds
-    assert reference_merges == fast_merges[:measured], "the fast trainer's merges differ from the reference's"
-    if measured == num_merges:
-        label = f"{reference_seconds:.1f} (measured)"
-    else:
-        reference_seconds *= num_merges / measured
-        label = f"~{reference_seconds:.0f} (linear extrapolation from {measured} merges; an overestimate)"
-    print_table(["merges", "fast seconds", "reference seconds", "speed-up", "same merges"],
-                [[num_merges, f"{fast_seconds:.2f}", label, f"{reference_seconds / fast_seconds:,.0f}x",
-                  f"yes (first {measured})" if measured < num_merges else "yes"]])
+        assert merges == fast_merges, "the fast trainer's merges differ from the reference's"
+        rows.append(["reference, measured", f"{reference_seconds:.1f}", f"{reference_seconds / fast_seconds:,.0f}x"])
+    rows.insert(0, ["fast", f"{fast_seconds:.2f}", "1x"])
+    print_table(["trainer", "seconds", "speed-up"], rows)
+    print(f"estimate: {per_point} reference merges timed at each of merges {', '.join(map(str, starts))} "
+          f"({costs[0]:.2f} s/merge at the start, {costs[-1]:.2f} at the end), all equal to the fast trainer's")
     print("target: >= 50x")
 
 
