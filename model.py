@@ -28,8 +28,510 @@ from bpe import Tokenizer, UsageError, render_chat
 IGNORE_INDEX = -1  # a target with this value contributes nothing to the loss
 
 # -----------------------------------------------------------------------------------------------
-# The model
-# (architecture, generation and GPT-2 import go here)
+# The model: GPT-2's architecture, exactly, so that OpenAI's weights load and give GPT-2's logits.
+# Tokens and positions are embedded, pass through n_layer identical blocks (each: LayerNorm ->
+# causal self-attention -> add; LayerNorm -> MLP -> add) and a final LayerNorm; the output head
+# reuses the token embedding matrix.
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 1024    # token ids 0..vocab_size-1 (the tokenizer's size)
+    block_size: int = 256     # the context: the most tokens the model ever sees at once
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128         # the width of the residual stream; n_embd / n_head per attention head
+    dropout: float = 0.0      # 0 for pretraining on small data in few steps; 0.1 helps long runs overfit less
+    scalar_head: bool = False  # add a linear head that reads one number (a reward or a value) per position
+
+
+class KVCache:
+    """The keys and values of one layer for every token seen so far, in tensors allocated once for
+    the whole generation: each new token writes its key and value in place instead of concatenating
+    (which would copy the whole cache at every step)."""
+
+    def __init__(self, max_length):
+        self.max_length = max_length
+        self.length = 0
+        self.keys = self.values = None
+
+    def append(self, keys, values):
+        """Add (B, n_head, T, head_size) keys/values; return all of them so far."""
+        if self.keys is None:  # allocated on first use, in the dtype the layer computes in (bf16 under autocast)
+            shape = (keys.size(0), keys.size(1), self.max_length, keys.size(3))
+            self.keys = keys.new_empty(shape)
+            self.values = values.new_empty(shape)
+        end = self.length + keys.size(2)
+        self.keys[:, :, self.length:end] = keys
+        self.values[:, :, self.length:end] = values
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    """Each position looks back at itself and every earlier position: n_head heads in parallel,
+    each with its own queries, keys and values of size n_embd / n_head."""
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0, "n_embd must be a multiple of n_head"
+        self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # queries, keys, values in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)      # the heads' outputs mixed back together
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, attn_mask=None, cache=None):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, n_head, T, head_size)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.append(k, v)  # now the keys/values of every token so far, not just these T
+        # Without a mask, the T queries are the last T of the keys: T > 1 (training, or the prompt
+        # at the start of generation) needs the causal mask; T == 1 (one new token) sees everything.
+        # With left-padded prompts, `attn_mask` (True = may attend) also hides the padding.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    """Per position: widen 4x, GELU, narrow back. GPT-2 used the tanh approximation of GELU, so
+    its weights need it too."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm (GPT-2's change from the original transformer): normalise the input of each
+    sublayer, never the residual stream itself, so the identity path stays clean from the input
+    embedding to the output, which keeps deep stacks trainable without warm-up tricks."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x, attn_mask=None, cache=None):
+        x = x + self.attn(self.ln_1(x), attn_mask, cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embedding
+            wpe=nn.Embedding(config.block_size, config.n_embd),  # learned position embedding
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Weight tying (as GPT-2): the output head is the token embedding matrix itself, so a token's
+        # logit is the dot product of the final hidden state with that token's embedding. It saves
+        # vocab_size x n_embd parameters (a third of this tiny model) and both uses train one matrix.
+        self.transformer.wte.weight = self.lm_head.weight
+        # The reward model and the RLHF value head are this same GPT with one more linear layer that
+        # reads a single number from the final hidden state.
+        self.scalar_head = nn.Linear(config.n_embd, 1) if config.scalar_head else None
+        self.apply(self._init_weights)
+        # GPT-2's scaled initialisation: every block *adds* its attention and MLP outputs to the
+        # residual stream, so with 2 * n_layer additions of independent random terms the stream's
+        # variance would grow with depth. Shrinking the std of the two projections that write into
+        # the stream by 1/sqrt(2 * n_layer) keeps the stream's scale the same at any depth.
+        for name, parameter in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(parameter, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_parameters(self):
+        """Parameters counted once (the tied embedding/head matrix is one matrix)."""
+        return sum(parameter.numel() for parameter in self.parameters())
+
+    def _transform(self, idx, positions=None, attn_mask=None, caches=None):
+        """Token ids (B, T) -> final hidden states (B, T, n_embd), after the last LayerNorm."""
+        if idx.size(1) > self.config.block_size and positions is None:
+            raise UsageError(f"a sequence of {idx.size(1)} tokens is longer than the model's context "
+                             f"(block_size {self.config.block_size}); cut it first")
+        if positions is None:
+            positions = torch.arange(idx.size(1), device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, attn_mask, None if caches is None else caches[layer])
+        return self.transformer.ln_f(x)
+
+    def hidden_states(self, idx):
+        """The final hidden states (B, T, n_embd): what the output head and the scalar head read."""
+        return self._transform(idx)
+
+    def forward(self, idx, targets=None):
+        """idx (B, T) token ids -> (logits (B, T, vocab_size), loss or None). The loss is the mean
+        cross-entropy over the targets that are not IGNORE_INDEX (SFT masks out everything but the
+        assistant's tokens); a batch with every target masked gives a loss of 0, not NaN."""
+        logits = self.lm_head(self._transform(idx))
+        if targets is None:
+            return logits, None
+        total = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
+                                ignore_index=IGNORE_INDEX, reduction="sum")
+        # The mean divides by the number of targets that count; clamp so that none counting is 0/1.
+        return logits, total / (targets != IGNORE_INDEX).sum().clamp(min=1)
+
+    def scalar(self, idx, positions):
+        """One number per sequence: the scalar head applied to the hidden state at positions[b] of
+        sequence b (e.g. where its <|reward|> token is). Returns a (B,) tensor."""
+        if self.scalar_head is None:
+            raise UsageError("this model has no scalar head (build it with GPTConfig(scalar_head=True))")
+        hidden = self.hidden_states(idx)
+        positions = torch.as_tensor(positions, device=idx.device)
+        rows = torch.arange(idx.size(0), device=idx.device)
+        return self.scalar_head(hidden[rows, positions]).squeeze(-1)
+
+    def configure_optimizer(self, learning_rate, weight_decay=0.1, betas=(0.9, 0.95)):
+        """AdamW that decays matrices (matmul weights, embeddings) but not biases and LayerNorm
+        gains: decay pulls weights toward 0, which regularises a matrix but would only fight the
+        scale a gain or bias is there to set. Frozen parameters (requires_grad False) are left out."""
+        trainable = [parameter for parameter in self.parameters() if parameter.requires_grad]
+        groups = [{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}]
+        try:  # the fused kernel updates all parameters in one pass; torch < 2.4 has it on CUDA only
+            return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=True)
+        except RuntimeError:
+            return torch.optim.AdamW(groups, lr=learning_rate, betas=betas)
+
+    # --- Generation ------------------------------------------------------------------------------
+    # Prompts of different lengths are left-padded to one length, so that every sequence's next
+    # token goes into the same column and one forward pass per step serves the whole batch. Each
+    # sequence gets its own position ids (its first real token is position 0) and an attention mask
+    # that hides its padding, so its tokens are exactly those it would get alone. The KV cache keeps
+    # every layer's keys and values, so each step runs the model on one new token per sequence
+    # instead of the whole sequence again.
+
+    @torch.no_grad()
+    def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_tokens=(),
+                 seed=None, logits_hook=None, on_token=None, use_cache=True):
+        """Continue each prompt (a list of token ids) by up to max_new_tokens tokens; returns one
+        Generation per prompt, in order.
+
+        temperature 0 is greedy; otherwise sample from softmax(logits / temperature), restricted to
+        the top_k most likely tokens and/or the smallest set whose probability reaches top_p. A
+        sequence ends at its first token in stop_tokens (kept in its tokens), after max_new_tokens,
+        or when it fills the context (block_size). seed makes sampling repeatable without touching
+        torch's global random state. logits_hook(step, new_tokens_so_far, logits) -> logits may edit
+        the (B, vocab) logits before choosing (e.g. -inf for forbidden tokens); new_tokens_so_far[b]
+        is the list of tokens sequence b has generated so far (read it, do not change it).
+        on_token(b, token) is called for each token as it is generated (streaming).
+        use_cache=False recomputes the whole sequence at every step (slow; for tests and benchmarks).
+        """
+        _check_sampling(prompts, self.config.block_size, max_new_tokens, temperature, top_k, top_p)
+        device = self.lm_head.weight.device
+        lengths = [len(prompt) for prompt in prompts]
+        budgets = [min(max_new_tokens, self.config.block_size - length) for length in lengths]
+        batch, longest, steps = len(prompts), max(lengths, default=0), max(budgets, default=0)
+        if steps <= 0:
+            return [Generation([], [], False) for _ in prompts]
+
+        # The whole batch's token grid, left-padded (padding slots hold token 0 and are never attended to).
+        width = longest + steps
+        padding = torch.tensor([longest - length for length in lengths], device=device)
+        tokens = torch.zeros(batch, width, dtype=torch.long, device=device)
+        for row, prompt in enumerate(prompts):
+            tokens[row, longest - len(prompt):longest] = torch.tensor(prompt, dtype=torch.long)
+        slots = torch.arange(width, device=device)
+        # Position ids: each sequence counts from its first real token. A sequence that has filled
+        # the context is finished, but still rides along in the batch: clamp so it indexes nothing
+        # past the position table (whatever it computes then is thrown away).
+        positions = (slots[None, :] - padding[:, None]).clamp(0, self.config.block_size - 1)
+        real = slots[None, :] >= padding[:, None]                      # (B, width) False on padding
+        padded = bool((padding > 0).any())  # without padding, no mask: plain causal attention, faster
+
+        caches = [KVCache(width) for _ in self.transformer.h] if use_cache else None
+        generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+        stop_set = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
+        budget = torch.tensor(budgets, device=device)
+        new_tokens = torch.zeros(batch, steps, dtype=torch.long, device=device)
+        new_logprobs = torch.zeros(batch, steps, device=device)
+        produced = torch.zeros(batch, dtype=torch.long, device=device)  # tokens each sequence has made
+        stopped = torch.zeros(batch, dtype=torch.bool, device=device)
+        done = budget <= 0
+        so_far = [[] for _ in prompts] if logits_hook is not None else None
+
+        was_training = self.training
+        self.eval()  # no dropout while generating; restored below (RLHF generates mid-training)
+        try:
+            logits = self._next_logits(tokens, positions, real if padded else None, caches, 0, longest)
+            for step in range(steps):
+                raw = logits.float()
+                chosen = raw if logits_hook is None else logits_hook(step, so_far, raw.clone())
+                next_token = sample_next(chosen, temperature, top_k, top_p, generator)
+                new_tokens[:, step] = next_token
+                # The model's own log-probability of the token (before temperature, top-k/p, hook):
+                # what RLHF's policy gradient and KL penalty need.
+                new_logprobs[:, step] = raw.log_softmax(dim=-1).gather(1, next_token[:, None]).squeeze(1)
+                active = ~done
+                produced += active
+                stopped |= active & torch.isin(next_token, stop_set)
+                done = done | stopped | (produced >= budget)
+                if on_token is not None or so_far is not None:
+                    self._report_tokens(next_token.tolist(), active.tolist(), so_far, on_token)
+                if bool(done.all()):
+                    break
+                slot = longest + step
+                tokens[:, slot] = next_token
+                logits = self._next_logits(tokens, positions, real if padded else None, caches, slot, slot + 1)
+        finally:
+            self.train(was_training)
+        produced, stopped = produced.tolist(), stopped.tolist()
+        new_tokens, new_logprobs = new_tokens.tolist(), new_logprobs.tolist()
+        return [Generation(new_tokens[row][:produced[row]], new_logprobs[row][:produced[row]], stopped[row])
+                for row in range(batch)]
+
+    def _next_logits(self, tokens, positions, real, caches, start, end):
+        """Logits (B, vocab) for the token after slot end-1. With caches, slots [start, end) are the
+        ones not yet in the cache; without, the whole sequence [0, end) is run again."""
+        if caches is None:
+            start = 0
+        mask = None
+        if real is not None:  # some prompts are padded: hide padding from every query
+            if end - start == 1:
+                mask = real[:, None, None, :end]  # one new token: it may see every real slot so far
+            else:
+                mask = _prompt_mask(real, start, end)
+        hidden = self._transform(tokens[:, start:end], positions[:, start:end], mask, caches)
+        return self.lm_head(hidden[:, -1])
+
+    @staticmethod
+    def _report_tokens(token_list, active_list, so_far, on_token):
+        for row, (token, active) in enumerate(zip(token_list, active_list)):
+            if active:
+                if so_far is not None:
+                    so_far[row].append(token)
+                if on_token is not None:
+                    on_token(row, token)
+
+    # --- Real GPT-2 weights ----------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, folder):
+        """A Hugging Face GPT-2 folder (config.json + model.safetensors or pytorch_model.bin) -> GPT
+        with OpenAI's weights. Nothing is downloaded: the files must already be in the folder. The
+        tokenizer comes separately, from bpe.Tokenizer.from_gpt2_files (see import_gpt2)."""
+        config_path = os.path.join(folder, "config.json")
+        if not os.path.isfile(config_path):
+            raise UsageError(f"{folder}: no config.json; put GPT-2's config.json and model.safetensors "
+                             "(or pytorch_model.bin) from Hugging Face in that folder")
+        try:
+            with open(config_path, encoding="utf-8") as file:
+                settings = json.load(file)
+            if settings.get("model_type", "gpt2") != "gpt2":
+                raise UsageError(f"{config_path}: model_type is {settings['model_type']!r}; only GPT-2 fits this model")
+            config = GPTConfig(vocab_size=settings["vocab_size"], n_layer=settings["n_layer"],
+                               n_head=settings["n_head"], n_embd=settings["n_embd"],
+                               block_size=settings.get("n_positions", settings.get("n_ctx", 1024)))
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            raise UsageError(f"{config_path}: not a JSON object") from None
+        except KeyError as error:
+            raise UsageError(f"{config_path}: no {error.args[0]!r}; is this a GPT-2 config.json?") from None
+        safetensors_path = os.path.join(folder, "model.safetensors")
+        pickle_path = os.path.join(folder, "pytorch_model.bin")
+        if os.path.isfile(safetensors_path):
+            weights = read_safetensors(safetensors_path)
+        elif os.path.isfile(pickle_path):
+            try:  # weights_only: a .bin is a pickle, and we refuse to run whatever code it might hold
+                weights = torch.load(pickle_path, map_location="cpu", weights_only=True)
+            except Exception as error:
+                raise UsageError(f"{pickle_path} is damaged or not plain weights ({type(error).__name__})") from None
+        else:
+            raise UsageError(f"{folder}: no model.safetensors or pytorch_model.bin beside config.json")
+        model = cls(config)
+        try:
+            model.load_state_dict(gpt2_state_dict(weights))
+        except RuntimeError as error:
+            reason = " ".join(str(error).split())[:200]
+            raise UsageError(f"{folder}: the weights do not fit its config.json ({reason})") from None
+        return model
+
+
+@dataclass
+class Generation:
+    tokens: list       # the new tokens only; ends with the stop token if one ended it
+    logprobs: list     # log_softmax(model's logits) of each new token, before temperature/top-k/top-p/hook
+    stopped: bool      # True iff it ended on a stop token (False: max_new_tokens or the context ran out)
+
+
+def _check_sampling(prompts, block_size, max_new_tokens, temperature, top_k, top_p):
+    for number, prompt in enumerate(prompts):
+        if not 0 < len(prompt) <= block_size:
+            raise UsageError(f"prompt {number} has {len(prompt)} tokens; it needs 1 to {block_size} (the context)")
+    if max_new_tokens < 0 or temperature < 0:
+        raise UsageError("max_new_tokens and temperature must not be negative")
+    if top_k is not None and top_k < 1:
+        raise UsageError(f"top_k={top_k}: keep at least 1 token (or None for all)")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise UsageError(f"top_p={top_p}: expected a probability in (0, 1] (or None for all)")
+
+
+def _prompt_mask(real, start, end):
+    """Attention mask (B, 1, end-start, end) for query slots [start, end) over key slots [0, end):
+    a query sees keys at or before it that are real tokens. A padding slot also sees itself, so no
+    row of the softmax is all -inf (that would be NaN); nothing ever reads a padding slot's output."""
+    queries = torch.arange(start, end, device=real.device)[:, None]
+    keys = torch.arange(end, device=real.device)[None, :]
+    allowed = ((keys <= queries)[None] & real[:, None, :end]) | (keys == queries)[None]
+    return allowed[:, None]
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """(B, vocab) logits -> (B,) chosen token ids: greedy at temperature 0, else a sample."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth_largest = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        # Nucleus sampling: keep the most likely tokens until their total reaches top_p; a token is
+        # dropped when the tokens ranked above it already hold top_p (the most likely always stays).
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        mass_above = sorted_probs.cumsum(dim=-1) - sorted_probs
+        sorted_probs = sorted_probs.masked_fill(mass_above >= top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# -----------------------------------------------------------------------------------------------
+# Reading GPT-2's files
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors(path):
+    """A .safetensors file -> {name: tensor}. The format is simple enough to read by hand: 8 bytes
+    (a little-endian unsigned integer) giving the header's length in bytes; the header, JSON that
+    maps each tensor name to its dtype, shape and [begin, end) byte offsets into the data; then the
+    data, raw little-endian numbers. Unlike a pickle, reading it never runs code."""
+    if sys.byteorder != "little":
+        raise UsageError(f"{path}: reading safetensors needs a little-endian machine")
+
+    def damaged(why):
+        return UsageError(f"{path} is damaged or not a safetensors file ({why})")
+
+    file_size = os.path.getsize(path)
+    with open(path, "rb") as file:
+        prefix = file.read(8)
+        if len(prefix) < 8:
+            raise damaged("shorter than 8 bytes")
+        header_length = int.from_bytes(prefix, "little")
+        if header_length > file_size - 8:
+            raise damaged("its header would run past the end of the file")
+        try:
+            header = json.loads(file.read(header_length))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise damaged("its header is not JSON") from None
+        if not isinstance(header, dict):
+            raise damaged("its header is not a JSON object")
+        data_start = 8 + header_length
+        tensors = {}
+        for name, entry in header.items():
+            if name == "__metadata__":  # free-form strings (e.g. {"format": "pt"})
+                continue
+            try:
+                dtype_name, shape, (begin, end) = entry["dtype"], [int(n) for n in entry["shape"]], entry["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                raise damaged(f"tensor {name!r} has no dtype, shape and data_offsets") from None
+            if dtype_name not in SAFETENSORS_DTYPES:
+                raise UsageError(f"{path}: tensor {name!r} has dtype {dtype_name}, which this reader does not know")
+            dtype = SAFETENSORS_DTYPES[dtype_name]
+            expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            if not (0 <= begin <= end and end - begin == expected and data_start + end <= file_size):
+                raise damaged(f"tensor {name!r}: its offsets do not match its shape or the file's size")
+            file.seek(data_start + begin)
+            data = bytearray(expected)
+            file.readinto(data)
+            tensor = torch.frombuffer(data, dtype=dtype) if expected else torch.empty(0, dtype=dtype)
+            tensors[name] = tensor.reshape(shape)
+    return tensors
+
+
+# GPT-2 was written with "Conv1D" layers, which are linear layers storing their weight as
+# (in, out); nn.Linear stores (out, in), so these four are transposed on the way in.
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def gpt2_state_dict(weights):
+    """Hugging Face GPT-2 tensor names and layouts -> this GPT's state dict (float32)."""
+    state = {}
+    for name, tensor in weights.items():
+        name = name.removeprefix("transformer.")  # GPT2LMHeadModel's prefix; GPT2Model's files lack it
+        if name.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight":
+            continue  # stored causal masks (SDPA makes its own), and the head, which is tied to wte
+        if name.endswith(CONV1D_WEIGHTS):
+            tensor = tensor.t()
+        state["transformer." + name] = tensor.float().contiguous()
+    if "transformer.wte.weight" in state:
+        state["lm_head.weight"] = state["transformer.wte.weight"]
+    return state
+
+
+def grow_vocabulary(model, vocab_size):
+    """Give the model embedding rows for token ids it has never seen (our special tokens, which
+    come after GPT-2's 50,257). Each new row starts as the mean of the existing rows: a typical
+    vector whose logit starts near the average token's, so the new tokens neither take over
+    sampling nor start impossibly unlikely; SFT then teaches them their meaning."""
+    old = model.transformer.wte.weight.data
+    extra = vocab_size - old.size(0)
+    if extra <= 0:
+        return model
+    grown = torch.cat([old, old.mean(dim=0, keepdim=True).expand(extra, -1)])
+    model.transformer.wte = nn.Embedding(vocab_size, old.size(1))
+    model.lm_head = nn.Linear(old.size(1), vocab_size, bias=False)
+    model.lm_head.weight = nn.Parameter(grown)
+    model.transformer.wte.weight = model.lm_head.weight  # still tied
+    model.config.vocab_size = vocab_size
+    return model
+
+
+def import_gpt2(folder, out=os.path.join("out", "pretrain.pt")):
+    """GPT-2's Hugging Face folder -> a pretrain-stage checkpoint (weights + tokenizer) that sft.py
+    picks up like one pretrain.py wrote."""
+    pairs = [("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe")]  # Hugging Face's names, OpenAI's
+    found = [(os.path.join(folder, a), os.path.join(folder, b)) for a, b in pairs
+             if os.path.isfile(os.path.join(folder, a)) and os.path.isfile(os.path.join(folder, b))]
+    if not found:
+        raise UsageError(f"{folder}: no tokenizer files; put GPT-2's vocab.json and merges.txt "
+                         "(or encoder.json and vocab.bpe) beside config.json")
+    tokenizer = Tokenizer.from_gpt2_files(*found[0])
+    model = GPT.from_pretrained(folder)
+    grow_vocabulary(model, tokenizer.vocab_size)
+    metrics = {"parameters": model.num_parameters()}
+    save_checkpoint(out, stage="pretrain", model=model, tokenizer=tokenizer,
+                    parent={"path": os.path.abspath(folder), "stage": "gpt2"},
+                    args={"command": "import_gpt2", "folder": folder, "out": out}, metrics=metrics)
+    print(f"wrote {out}: GPT-2 with {metrics['parameters']:,} parameters, vocabulary {tokenizer.vocab_size}")
+    return out
+
 
 
 # -----------------------------------------------------------------------------------------------
@@ -330,3 +832,24 @@ def chat_responses(model, tokenizer, prompts, temperature=0.0, max_new_tokens=12
             tokens = generation.tokens[:-1] if generation.stopped else generation.tokens
             responses.append(tokenizer.decode(tokens))
     return responses
+
+
+# --- This file's own command line ----------------------------------------------------------------
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    importer = commands.add_parser("import_gpt2", help="Hugging Face GPT-2 folder -> pretrain-stage checkpoint")
+    importer.add_argument("folder", help="folder with config.json, model.safetensors (or pytorch_model.bin), "
+                                         "vocab.json and merges.txt (or encoder.json and vocab.bpe)")
+    importer.add_argument("--out", default=os.path.join("out", "pretrain.pt"), help="checkpoint to write")
+    args = parser.parse_args(argv)
+    try:
+        import_gpt2(args.folder, args.out)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
