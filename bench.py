@@ -125,7 +125,78 @@ def bench_tokenizer(args):
 
 
 def bench_model(args):
-    raise SystemExit("not written yet")
+    """Training tokens/s (forward + backward + AdamW step) and generation tokens/s (with and without
+    the KV cache, batch 1 and 16) for a tiny and a small GPT with random weights on this machine's
+    default device. Each figure is the best of a few repeats: a shared machine only ever slows a run
+    down, so the fastest repeat is the least disturbed one."""
+    import time
+
+    import torch
+
+    from model import GPT, GPTConfig
+
+    repeats = 2 if args.quick else 3
+    sizes = {"tiny": dict(n_layer=4, n_head=4, n_embd=128), "small": dict(n_layer=6, n_head=6, n_embd=384)}
+    # Reference figures measured on this project's 2-core machine (see the model issue): nanoGPT's GPT
+    # training, Hugging Face GPT-2's cached generation of 200 tokens at batch 1.
+    nanogpt = {"tiny": 28_900, "small": 3_300}
+    huggingface = {"tiny": 750, "small": 290}
+
+    def best_rate(run, tokens):
+        run()  # warm-up: first calls allocate memory and pick kernels
+        seconds = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run()
+            seconds.append(time.perf_counter() - start)
+        return tokens / min(seconds)
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, vocabulary 1024, random weights; "
+          f"best of {repeats} repeats")
+    print("\ntraining: forward + backward + AdamW step, tokens/s")
+    rows = []
+    for name, context, batch in [("tiny", 64, 12), ("small", 256, 8)]:
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(vocab_size=1024, block_size=context, **sizes[name]))
+        optimizer = model.configure_optimizer(learning_rate=1e-3)
+        x = torch.randint(0, 1024, (batch, context))
+        y = torch.randint(0, 1024, (batch, context))
+        steps = (5 if args.quick else 20) if name == "tiny" else (2 if args.quick else 6)
+
+        def train():
+            for _ in range(steps):
+                _, loss = model(x, y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+
+        rate = best_rate(train, steps * batch * context)
+        rows.append([f"{name} {sizes[name]['n_layer']}x{sizes[name]['n_embd']}", context, batch,
+                     f"{model.num_parameters():,}", f"{rate:,.0f}", f"{nanogpt[name]:,}", f"{rate / nanogpt[name]:.2f}x"])
+    print_table(["model", "context", "batch", "parameters", "tokens/s", "nanoGPT", "ratio"], rows)
+
+    print("\ngeneration: new tokens/s (all sequences together), greedy, prompts of 16 tokens")
+    rows = []
+    for name in ["tiny", "small"]:
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(vocab_size=1024, block_size=512, **sizes[name])).eval()
+        rates = {}
+        cases = [(1, 200, True), (1, 256, True), (16, 256, True), (1, 256, False)]
+        for batch, new, cached in cases:
+            prompts = torch.randint(0, 1024, (batch, 16)).tolist()
+            run = lambda: model.generate(prompts, new, temperature=0, use_cache=cached)
+            if not cached:  # slow (it reruns the whole sequence each step): measure once
+                start = time.perf_counter()
+                run()
+                rate = batch * new / (time.perf_counter() - start)
+            else:
+                rate = best_rate(run, batch * new)
+            rates[batch, new, cached] = rate
+            target = f"HF {huggingface[name]} x1.5 = {1.5 * huggingface[name]:,.0f}" if (batch, new) == (1, 200) else ""
+            rows.append([name, batch, new, "yes" if cached else "no", f"{rate:,.0f}", target])
+        rows.append([name, "", "", "", f"cached/uncached {rates[1, 256, True] / rates[1, 256, False]:.1f}x", "target >= 5x"])
+        rows.append([name, "", "", "", f"batch 16/batch 1 {rates[16, 256, True] / rates[1, 256, True]:.1f}x", "target >= 6x"])
+    print_table(["model", "batch", "new tokens", "cache", "tokens/s", "target"], rows)
 
 
 def bench_pretrain(args):
