@@ -65,7 +65,9 @@ SPLIT_PATTERN = "|".join([
     r"\s+",                                         # whatever whitespace remains
 ])
 
-# GPT-2's own pattern, translated the same way (used by from_gpt2_files so encodings match GPT-2's).
+# GPT-2's own pattern, translated the same way (used by from_gpt2_files so encodings match GPT-2's; they
+# do on ordinary text, while rare characters such as "²" or the control characters \x1c-\x1f, which `re`
+# counts as whitespace, may split differently).
 GPT2_SPLIT_PATTERN = "|".join([
     r"'s|'t|'re|'ve|'m|'ll|'d",
     r" ?" + LETTERS,
