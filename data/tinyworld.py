@@ -345,8 +345,9 @@ class World:
         shuffled_countries, shuffled_animals = self.countries[:], self.animals[:]
         rng.shuffle(shuffled_countries)
         rng.shuffle(shuffled_animals)
-        self.sft_entities = shuffled_countries[:len(self.countries) // 2] + shuffled_animals[:len(self.animals) // 2]
-        self.heldout_entities = shuffled_countries[len(self.countries) // 2:] + shuffled_animals[len(self.animals) // 2:]
+        half_countries, half_animals = len(self.countries) // 2, len(self.animals) // 2
+        self.sft_entities = shuffled_countries[:half_countries] + shuffled_animals[:half_animals]
+        self.heldout_entities = shuffled_countries[half_countries:] + shuffled_animals[half_animals:]
         taken = {word.lower() for row in COUNTRIES for word in row} | {row[0] for row in ANIMALS}
         taken |= {person.lower() for person in PEOPLE}
         # Invented countries: these exist only in retrieval_documents() ...
@@ -457,7 +458,8 @@ class World:
         def eval_pool(entities):
             return [(e, attribute, p) for e in entities for attribute, _ in e.facts for p in QUESTIONS[attribute][1]]
         for heldout, entities in ((True, self.heldout_entities), (False, self.sft_entities)):
-            tasks["eval"] += [self._fact_task(e, a, p, "eval", heldout) for e, a, p in rng.sample(eval_pool(entities), 30)]
+            chosen = rng.sample(eval_pool(entities), 30)
+            tasks["eval"] += [self._fact_task(e, a, p, "eval", heldout) for e, a, p in chosen]
         tasks["reward"] += [self._fact_task(e, a, p, "reward", False) for e, a, p in rng.sample(reward_pool, 60)]
         tasks["rl"] += [self._fact_task(e, a, p, "rl", False) for e, a, p in rng.sample(rl_pool, 60)]
 
@@ -534,11 +536,12 @@ class World:
             tasks["sft"] += [self._json_task(entity, p, "sft", False) for p in phrasings[:2]]
             tasks["reward"].append(self._json_task(entity, phrasings[2], "reward", False))
             tasks["rl"].append(self._json_task(entity, phrasings[3], "rl", False))
-        tasks["eval"] += [self._json_task(e, rng.choice(JSON_QUESTIONS[1]), "eval", True) for e in self.heldout_entities]
+        tasks["eval"] += [self._json_task(e, rng.choice(JSON_QUESTIONS[1]), "eval", True)
+                          for e in self.heldout_entities]
         tasks["eval"] += [self._json_task(e, rng.choice(JSON_QUESTIONS[1]), "eval", False)
                           for e in rng.sample(self.sft_entities, 15)]
 
-    def passage(self, rng, entity):
+    def _passage(self, rng, entity):
         templates = COUNTRY_PASSAGES if entity.kind == "country" else ANIMAL_PASSAGES
         return fill(rng.choice(templates), **entity.fields())
 
@@ -554,7 +557,7 @@ class World:
                         entity = rng.choice(pool)
                         attribute = rng.choice([a for a, _ in entity.facts])
                         others = rng.sample([e for e in readable if e is not entity], rng.choice([0, 1, 2, 2, 2]))
-                        passages = [self.passage(rng, e) for e in [entity] + others]
+                        passages = [self._passage(rng, e) for e in [entity] + others]
                         rng.shuffle(passages)
                         question = fill(rng.choice(QUESTIONS[attribute][0]), **entity.fields())
                         prompt = context_prompt(passages, question)
@@ -573,7 +576,7 @@ class World:
     # --- documents ------------------------------------------------------------------------------------
 
     def documents(self):
-        """The pretraining corpus: about 2.6 MB in ~14,000 documents at scale 1 (no <|endoftext|> inside)."""
+        """The pretraining corpus: about 2.3 MB in 14,520 documents at scale 1 (no <|endoftext|> inside)."""
         if self._documents is None:
             self._documents, self._document_kinds = self._make_documents()
         return list(self._documents)
@@ -1028,6 +1031,7 @@ def write_atomic(path, text):
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as file:
             file.write(text)
+        os.chmod(temporary, 0o644)  # mkstemp makes it private; these are ordinary data files
         os.replace(temporary, path)
     except BaseException:
         os.unlink(temporary)
@@ -1058,17 +1062,26 @@ def write_files(world, folder):
     return written
 
 
-def print_stats(world, seconds, tokenizer_path=None):
+def load_tokenizer(path):
+    """A bpe.py tokenizer file, to count the corpus in tokens (bpe.py is imported only for this)."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from bpe import Tokenizer, UsageError
+    if not os.path.isfile(path):
+        raise ValueError(f"--tokenizer {path}: no such file (bpe.py or pretrain.py makes one)")
+    try:
+        return Tokenizer.load(path)
+    except UsageError as error:
+        raise ValueError(str(error)) from None
+
+
+def print_stats(world, seconds, tokenizer=None):
     documents, kinds = world.documents(), world.document_kinds()
     total = sum(len(d.encode("utf-8")) for d in documents)
     print(f"tiny world seed={world.seed} scale={world.scale:g}: generated in {seconds:.2f} s")
     print(f"corpus: {len(documents):,} documents, {total:,} bytes")
-    if tokenizer_path:
-        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        from bpe import Tokenizer
-        tokenizer = Tokenizer.load(tokenizer_path)
+    if tokenizer is not None:
         tokens = sum(len(tokenizer.encode(d)) for d in documents)
-        print(f"        {tokens:,} tokens with {tokenizer_path} (vocabulary {tokenizer.vocab_size})")
+        print(f"        {tokens:,} tokens with a vocabulary of {tokenizer.vocab_size}")
     for kind in dict.fromkeys(kinds):
         chosen = [d for d, k in zip(documents, kinds) if k == kind]
         print(f"  {kind:16s} {len(chosen):6,} documents {sum(len(d.encode('utf-8')) for d in chosen):10,} bytes")
@@ -1112,14 +1125,15 @@ def main(argv=None):
         for split in SPLITS:
             world.tasks(split)
         seconds = time.time() - started
-        if args.command == "stats":
-            print_stats(world, seconds, args.tokenizer)
-        else:
+        if args.command == "write":
             for name, size in write_files(world, args.folder):
                 print(f"wrote {os.path.join(args.folder, name)} ({size:,} bytes)")
+        tokenizer = load_tokenizer(args.tokenizer) if args.command == "stats" and args.tokenizer else None
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if args.command == "stats":
+        print_stats(world, seconds, tokenizer)
     return 0
 
 

@@ -10,11 +10,10 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from data.tinyworld import (CONTEXT_HEADER, COT_PREFIX, FAMILIES, SPLITS, World, calculator_answer,
+                            context_prompt, main, worked_addition)
 
-from data.tinyworld import (CONTEXT_HEADER, COT_PREFIX, FAMILIES, SPLITS, World, calculator_answer, context_prompt,  # noqa: E402
-                            main, worked_addition)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +77,8 @@ def test_heldout_entities_are_never_trained_on(world):
     assert {t.entity for t in seen_facts} <= trained
     assert not {t.entity for t in evaluation if t.family == "json" and t.heldout} & trained
     # Entities named in any training prompt (also inside the passages of a retrieval prompt).
-    training_text = "\n".join(t.prompt + "\n" + t.answer for split in ("sft", "reward", "rl") for t in world.tasks(split))
+    training_text = "\n".join(t.prompt + "\n" + t.answer
+                              for split in ("sft", "reward", "rl") for t in world.tasks(split))
     for entity in world.heldout_entities:
         assert not re.search(rf"\b{re.escape(entity.name)}\b", training_text), entity.name
 
