@@ -1,0 +1,681 @@
+"""
+Reinforcement learning from human feedback: stage 4 of the talk. The SFT model answers prompts, the
+frozen reward model scores each answer, and the language-modelling objective is weighted by that
+score. In the talk's words: "the reward model said that this is a fairly high scoring completion, and
+so all the tokens that we happened to sample on the first row are going to get reinforced and they're
+going to get higher probabilities for the future. Conversely, ... the reward model really did not like
+this completion, and so therefore every single token that we sampled in that second row is going to
+get a slightly lower probability for the future." A KL penalty keeps the policy near the SFT model,
+and the talk's warnings are measured here: outputs get less diverse ("mode collapse") and the reward
+model, an imperfect copy of the labelers, can be fooled.
+
+    python rlhf.py                     # REINFORCE with a leave-one-out baseline -> out/rlhf.pt
+    python rlhf.py --algo ppo          # InstructGPT's recipe: PPO with a value head
+    python rlhf.py --algo dpo          # Direct Preference Optimization from out/comparisons.jsonl
+
+Reads out/sft.pt (the policy's start, and a frozen copy as the reference) and out/reward.pt (frozen).
+Here the labelers are the tiny world's oracle (World.score): every step logs the reward model's mean
+score AND the oracle's score of the same samples, so their gap (reward hacking) is a number, and the
+held-out prompts are graded by the oracle before and after.
+
+Reads top to bottom: config, sampling and log-probabilities, the three objectives, diversity,
+evaluation, the training loops, save.
+"""
+
+import copy
+import dataclasses
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from model import (Progress, UsageError, autocast, chat_responses, check_same_tokenizer, choose_device,
+                   load_checkpoint, load_model, plot_curves, render_chat, run_cli, save_checkpoint, set_seed,
+                   write_json)
+
+# -----------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class Config:
+    algo: str = field(default="reinforce", metadata={
+        "help": "reinforce: the talk's reward-weighted LM objective; ppo: InstructGPT's; dpo: from comparisons",
+        "choices": ["reinforce", "ppo", "dpo"]})
+    out_dir: str = field(default="out", metadata={"help": "where rlhf.pt/.json/.png go (and the inputs are read)"})
+    init_from: str = field(default="", metadata={"help": "the SFT checkpoint: policy start and reference "
+                                                         "(default: <out_dir>/sft.pt)"})
+    reward_model: str = field(default="", metadata={"help": "the frozen reward model (default: <out_dir>/reward.pt)"})
+    data: str = field(default="", metadata={"help": "dpo: preference JSONL (default: <out_dir>/comparisons.jsonl)"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or mps"})
+    seed: int = field(default=1337, metadata={"help": "seed of prompt order, sampling and evaluation"})
+    max_iters: int = field(default=100, metadata={"help": "training steps (one batch of rollouts, or of pairs for dpo)"})
+    # sampling (reinforce, ppo)
+    prompts_per_step: int = field(default=16, metadata={"help": "RL prompts per step"})
+    samples_per_prompt: int = field(default=4, metadata={"help": "K: completions sampled per prompt (the "
+                                                                 "leave-one-out baseline needs K >= 2)"})
+    max_new_tokens: int = field(default=64, metadata={"help": "longest completion, in tokens (training and evaluation)"})
+    # the objective
+    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (constant)"})
+    kl_coef: float = field(default=0.05, metadata={
+        "help": "beta, weight of the KL(policy || SFT) penalty in the reward, per unit of reward spread; "
+                "the field uses 0.02 (InstructGPT) to 0.05 (TRL) to 0.1 (DeepSpeed-Chat); 0 = no leash"})
+    truncation_penalty: float = field(default=1.0, metadata={
+        "help": "subtracted from the reward of a completion that never said <|end|> (TRL's missing_eos_penalty)"})
+    grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0: off)"})
+    # ppo
+    ppo_epochs: int = field(default=4, metadata={"help": "ppo: passes over each batch of rollouts"})
+    ppo_minibatches: int = field(default=2, metadata={"help": "ppo: minibatches per pass"})
+    clip_range: float = field(default=0.2, metadata={"help": "ppo: epsilon of the clipped probability ratio"})
+    gae_lambda: float = field(default=0.95, metadata={"help": "ppo: lambda of generalised advantage estimation"})
+    value_coef: float = field(default=0.1, metadata={"help": "ppo: weight of the value head's loss"})
+    # dpo
+    dpo_beta: float = field(default=0.1, metadata={"help": "dpo: beta, the strength of the implicit KL leash"})
+    dpo_batch_size: int = field(default=32, metadata={"help": "dpo: preference pairs per step"})
+    # evaluation
+    eval_tasks: int = field(default=0, metadata={"help": "evaluate on the first N held-out tasks (0: all)"})
+    diversity_prompts: int = field(default=48, metadata={
+        "help": "held-out prompts sampled K times before and after, for reward, KL and diversity"})
+    resume: bool = field(default=False, metadata={"help": "continue from <out_dir>/rlhf.pt (after Ctrl-C, "
+                                                          "or to train a finished run for more steps)"})
+
+
+# -----------------------------------------------------------------------------------------------
+# Rollouts: sample K completions per prompt, and lay prompt + completion out as one token sequence.
+
+@dataclass
+class Rollout:
+    """B = prompts x K sequences, the K samples of a prompt next to each other.
+    idx[b] is prompt + completion, right-padded; mask[b, t] = 1 where target idx[b, t + 1] is a token
+    the policy chose (its completion), so mask lines up with the log-probabilities of token_logprobs."""
+    prompts: list        # the prompt text of each row
+    responses: list      # the completion text (without its <|end|>)
+    tokens: list         # the completion tokens (with <|end|> if it stopped)
+    stopped: list        # ended on <|end|> (False: cut off at max_new_tokens or the context)
+    sampled_logprobs: list  # the sampler's log-probability of each completion token
+    idx: torch.Tensor    # [B, T] long
+    mask: torch.Tensor   # [B, T - 1] float
+
+
+def prompt_ids(tokenizer, prompt, block_size, max_new_tokens):
+    """The user turn + <|assistant|>, as chat_responses renders it (the question is at the end, so a
+    prompt too long for the context keeps its last tokens)."""
+    ids, _ = render_chat(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True)
+    return ids[-max(block_size - max_new_tokens, 1):]
+
+
+def pad_sequences(sequences, action_masks, device):
+    """Right-pad token lists into idx [B, T]; action_masks mark, per token, whether the policy chose it.
+    Attention is causal, so the padding after a sequence changes nothing before it."""
+    length = max(len(ids) for ids in sequences)
+    idx = torch.zeros((len(sequences), length), dtype=torch.long)
+    mask = torch.zeros((len(sequences), length), dtype=torch.float32)
+    for row, (ids, chosen) in enumerate(zip(sequences, action_masks)):
+        idx[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        mask[row, :len(ids)] = torch.tensor(chosen, dtype=torch.float32)
+    return idx.to(device), mask[:, 1:].to(device)   # target t + 1 is predicted at position t
+
+
+@torch.no_grad()
+def sample_rollout(policy, tokenizer, prompts, samples_per_prompt, max_new_tokens, seed):
+    """Plain temperature-1 sampling (no top-k, no top-p), so each sampled token's probability is exactly
+    the policy's own: the KL estimate and the policy gradient below both rely on that."""
+    end = tokenizer.special_tokens["<|end|>"]
+    rendered = [prompt_ids(tokenizer, p, policy.config.block_size, max_new_tokens) for p in prompts]
+    repeated = [ids for ids in rendered for _ in range(samples_per_prompt)]
+    was_training = policy.training
+    policy.eval()
+    generations = policy.generate(repeated, max_new_tokens, temperature=1.0, stop_tokens=(end,), seed=seed)
+    policy.train(was_training)
+    tokens = [g.tokens for g in generations]
+    responses = [tokenizer.decode(t[:-1] if g.stopped else t) for t, g in zip(tokens, generations)]
+    sequences = [p + t for p, t in zip(repeated, tokens)]
+    action_masks = [[0] * len(p) + [1] * len(t) for p, t in zip(repeated, tokens)]
+    idx, mask = pad_sequences(sequences, action_masks, next(policy.parameters()).device)
+    return Rollout([p for p in prompts for _ in range(samples_per_prompt)], responses, tokens,
+                   [g.stopped for g in generations], [g.logprobs for g in generations], idx, mask)
+
+
+def token_logprobs(model, idx):
+    """log p(idx[:, t + 1] | idx[:, :t + 1]) for every t: [B, T - 1]. One forward pass; with grad
+    unless the caller is under torch.no_grad()."""
+    with autocast(idx.device.type):
+        logits, _ = model(idx)
+    return selected_logprobs(logits[:, :-1], idx[:, 1:])
+
+
+def selected_logprobs(logits, targets):
+    logits = logits.float()
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def sequence_kl(policy_logprobs, reference_logprobs, mask):
+    """KL(policy || reference) of each sampled completion, estimated from its own tokens:
+    sum over its tokens of log pi(token) - log pi_ref(token). Since the tokens were sampled from the
+    policy, the average over samples is an unbiased estimate of the true KL, which is >= 0; a single
+    sample can be negative, a clearly negative mean cannot (it would mean the log-probabilities are
+    not the sampler's: top-k, a temperature, a mismatched prompt...)."""
+    return ((policy_logprobs - reference_logprobs) * mask).sum(-1)
+
+
+def check_kl(kl, step):
+    """Warn when the mean KL estimate is negative by more than sampling noise (3 standard errors)."""
+    if len(kl) < 2:
+        return False
+    mean, error = kl.mean().item(), kl.std().item() / math.sqrt(len(kl))
+    if mean < -3 * error - 1e-4:
+        print(f"\nwarning: step {step}: mean KL estimate {mean:.4f} < 0 beyond noise ({error:.4f}); "
+              f"the policy's log-probabilities do not match its samples (a bug)", file=sys.stderr)
+        return True
+    return False
+
+
+# -----------------------------------------------------------------------------------------------
+# REINFORCE: the talk's reward-weighted language-modelling objective.
+
+def leave_one_out_advantages(rewards):
+    """rewards [P, K]: K samples of each of P prompts -> advantage = reward - mean of the OTHER K - 1.
+
+    Why a baseline: the gradient of E[R] is E[R * grad log p(sample)], and subtracting any b that does
+    not depend on the sample keeps it unbiased (E[grad log p] = 0) while removing most of its variance:
+    without it every sample of a prompt whose answers are all good gets pushed up, the good ones barely
+    more than the bad. Why the OTHER samples: a sample's own reward in its baseline would correlate
+    the two and bias the gradient; the mean of the other K - 1 is independent of it. (Ahmadian et al.
+    2024, "Back to Basics", RLOO.)"""
+    P, K = rewards.shape
+    if K < 2:
+        raise UsageError("--samples_per_prompt must be at least 2 for the leave-one-out baseline")
+    baseline = (rewards.sum(dim=1, keepdim=True) - rewards) / (K - 1)
+    return rewards - baseline
+
+
+def reinforce_loss(logprobs, mask, advantages):
+    """-(advantage x log-probability of the whole completion), averaged over completions: gradient
+    descent on it raises every token of a better-than-its-siblings completion and lowers the rest."""
+    return -(advantages.detach() * (logprobs * mask).sum(-1)).mean()
+
+
+# -----------------------------------------------------------------------------------------------
+# PPO: what InstructGPT did. Per-token rewards (the KL penalty at every token, the reward model's
+# score at the last), advantages from a learned value (GAE), and a clipped surrogate objective that
+# lets each batch of samples be used for several gradient steps without moving the policy too far.
+
+class ValueHead(nn.Module):
+    """V(state): the expected future reward from a position. One linear layer on the policy's own final
+    hidden states (the same GPT, as TRL does), starting at zero."""
+
+    def __init__(self, n_embd):
+        super().__init__()
+        self.linear = nn.Linear(n_embd, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden):
+        return self.linear(hidden.float()).squeeze(-1)
+
+
+def logprobs_and_values(policy, value_head, idx):
+    """One forward pass for both: the log-probability of each next token, and the value of each
+    position (the state before that token is chosen). Both [B, T - 1]."""
+    with autocast(idx.device.type):
+        hidden = policy.hidden_states(idx)
+        logits = policy.lm_head(hidden)
+    return selected_logprobs(logits[:, :-1], idx[:, 1:]), value_head(hidden[:, :-1])
+
+
+def per_token_rewards(scores, policy_logprobs, reference_logprobs, mask, kl_coef):
+    """InstructGPT's reward: -beta * (log pi - log pi_ref) at every completion token, plus the reward
+    model's score at the completion's last token."""
+    rewards = -kl_coef * (policy_logprobs - reference_logprobs) * mask
+    last = (mask.cumsum(-1) == mask.sum(-1, keepdim=True)) & (mask > 0)   # the last chosen token
+    return rewards + last.float() * scores[:, None]
+
+
+def gae_advantages(rewards, values, mask, gamma=1.0, lam=0.95):
+    """Generalised advantage estimation (Schulman et al. 2016), going backwards over the completion:
+    delta_t = r_t + gamma V_{t+1} - V_t;  A_t = delta_t + gamma lambda A_{t+1}; V after the end is 0.
+    lambda = 1 is the plain Monte-Carlo return minus V (unbiased, noisy); lower trusts V more.
+    Returns (advantages, returns = advantages + values), zero outside the mask."""
+    advantages = torch.zeros_like(rewards)
+    next_value = torch.zeros_like(rewards[:, 0])
+    next_advantage = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        advantage = (delta + gamma * lam * next_advantage) * mask[:, t]
+        advantages[:, t] = advantage
+        # outside a completion (padding after it) the chain restarts from zero
+        next_value = values[:, t] * mask[:, t]
+        next_advantage = advantage
+    return advantages, (advantages + values) * mask
+
+
+def masked_mean(values, mask):
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def whiten(values, mask):
+    mean = masked_mean(values, mask)
+    variance = masked_mean((values - mean) ** 2, mask)
+    return (values - mean) * torch.rsqrt(variance + 1e-8) * mask
+
+
+def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_range):
+    """The clipped surrogate (Schulman et al. 2017): per token, with ratio = pi / pi_old,
+    loss = -min(ratio A, clip(ratio, 1 - eps, 1 + eps) A). Once the ratio has moved eps in the
+    direction the advantage wants, the gradient stops: many steps on one batch cannot run away.
+    Returns (loss averaged over chosen tokens, fraction of tokens clipped)."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range) * advantages
+    loss = masked_mean(-torch.min(unclipped, clipped), mask)
+    clip_fraction = masked_mean((clipped < unclipped).float(), mask)   # where the clipped term wins
+    return loss, clip_fraction
+
+
+# -----------------------------------------------------------------------------------------------
+# DPO (Rafailov et al. 2023): the KL-regularised RLHF objective has a closed-form optimum,
+# pi*(y|x) proportional to pi_ref(y|x) exp(r(x, y) / beta). Turned around, a policy defines an implicit
+# reward beta log(pi / pi_ref), and the reward model's pairwise loss can train the policy directly:
+# no sampling, no reward model.
+
+def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta):
+    """Log-probabilities of whole responses [N] -> (loss, implicit rewards of chosen and rejected).
+    loss = -log sigmoid(beta [(log pi - log pi_ref)(chosen) - (log pi - log pi_ref)(rejected)]);
+    it is log 2 while policy = reference."""
+    chosen_rewards = beta * (policy_chosen - reference_chosen)
+    rejected_rewards = beta * (policy_rejected - reference_rejected)
+    loss = -F.logsigmoid(chosen_rewards - rejected_rewards).mean()
+    return loss, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+def preference_pairs(comparisons):
+    """Every (prompt, better, worse) of each ranking; tied completions make no pair (reward.py's rule)."""
+    return [(c.prompt, c.completions[i], c.completions[j]) for c in comparisons for i, j in c.pairs()]
+
+
+def pair_batch(tokenizer, pairs, block_size, device):
+    """Chosen responses in rows 0..N-1, rejected in N..2N-1, with render_chat's train mask marking the
+    response tokens (and its <|end|>) whose log-probabilities are summed."""
+    sequences, masks = [], []
+    for column in (1, 2):
+        for pair in pairs:
+            ids, train_mask = render_chat(tokenizer, [{"role": "user", "content": pair[0]},
+                                                      {"role": "assistant", "content": pair[column]}])
+            sequences.append(ids[-block_size:])
+            masks.append(train_mask[-block_size:])
+    return pad_sequences(sequences, masks, device)
+
+
+def response_logprobs(model, idx, mask):
+    return (token_logprobs(model, idx) * mask).sum(-1)
+
+
+# -----------------------------------------------------------------------------------------------
+# Diversity: the talk warns RLHF models "lose some entropy"; these count it.
+
+def diversity(token_lists, samples_per_prompt):
+    """(mean fraction of distinct completions among the K of a prompt,
+        mean fraction of distinct token 2-grams among all 2-grams of the K completions of a prompt)."""
+    distinct, distinct_2 = [], []
+    for start in range(0, len(token_lists), samples_per_prompt):
+        group = [tuple(tokens) for tokens in token_lists[start:start + samples_per_prompt]]
+        distinct.append(len(set(group)) / len(group))
+        bigrams = [pair for tokens in group for pair in zip(tokens, tokens[1:])]
+        if bigrams:
+            distinct_2.append(len(set(bigrams)) / len(bigrams))
+    return sum(distinct) / len(distinct), (sum(distinct_2) / len(distinct_2) if distinct_2 else 0.0)
+
+
+# -----------------------------------------------------------------------------------------------
+# Evaluation
+
+def oracle_scores(world, prompts, responses):
+    return [world.score(prompt, response)[0] for prompt, response in zip(prompts, responses)]
+
+
+def evaluate_heldout(model, tokenizer, world, tasks, max_new_tokens, seed):
+    """The oracle's grades of the held-out tasks: greedy, and one sample at temperature 1."""
+    metrics = {}
+    for name, temperature in (("greedy", 0.0), ("temp1", 1.0)):
+        def respond(prompts):
+            return chat_responses(model, tokenizer, prompts, temperature=temperature,
+                                  max_new_tokens=max_new_tokens, seed=seed)
+        graded, _ = world.evaluate(respond, tasks)
+        metrics.update({f"{name}/{key}": value for key, value in graded.items()})
+    return metrics
+
+
+@torch.no_grad()
+def sample_report(policy, reference, tokenizer, reward_fn, world, prompts, config, seed):
+    """K samples of each of some held-out prompts: reward, oracle score, KL to the reference, length,
+    diversity. The same seed before and after training, so only the model differs."""
+    rollout = sample_rollout(policy, tokenizer, prompts, config.samples_per_prompt, config.max_new_tokens, seed)
+    kl = sequence_kl(token_logprobs(policy, rollout.idx), token_logprobs(reference, rollout.idx), rollout.mask)
+    distinct, distinct_2 = diversity(rollout.tokens, config.samples_per_prompt)
+    report = {"kl": kl.mean().item(), "length": sum(map(len, rollout.tokens)) / len(rollout.tokens),
+              "stopped": sum(rollout.stopped) / len(rollout.stopped),
+              "distinct": distinct, "distinct_2": distinct_2,
+              "oracle": sum(oracle_scores(world, rollout.prompts, rollout.responses)) / len(rollout.prompts)}
+    if reward_fn is not None:
+        report["reward"] = reward_fn(rollout.prompts, rollout.responses).float().mean().item()
+    return report
+
+
+# -----------------------------------------------------------------------------------------------
+# The training steps
+
+class RewardNormalizer:
+    """The reward model's scale is arbitrary (only differences were trained), so rewards are measured
+    in units of the spread of the SFT model's own samples, taken from the first batch and then fixed:
+    kl_coef then means the same thing whatever reward model is used."""
+
+    def __init__(self, mean=None, std=None):
+        self.mean, self.std = mean, std
+
+    def __call__(self, scores):
+        if self.mean is None:
+            self.mean = scores.mean().item()
+            std = scores.std().item() if len(scores) > 1 else 0.0
+            self.std = std if std > 1e-6 else 1.0
+        return (scores - self.mean) / self.std
+
+
+def rollout_step(policy, reference, value_head, optimizer, tokenizer, prompts, reward_fn, normalizer,
+                 config, step, world=None):
+    """One step of reinforce or ppo: sample, score, then update. Returns the step's log line."""
+    device = next(policy.parameters()).device
+    rollout = sample_rollout(policy, tokenizer, prompts, config.samples_per_prompt, config.max_new_tokens,
+                             seed=config.seed * 100_003 + step)
+    scores = reward_fn(rollout.prompts, rollout.responses).float().to(device)
+    stopped = torch.tensor(rollout.stopped, dtype=torch.float32, device=device)
+    rewards = normalizer(scores) - config.truncation_penalty * (1.0 - stopped)
+    with torch.no_grad():
+        reference_logprobs = token_logprobs(reference, rollout.idx)
+    mask = rollout.mask
+    if config.algo == "reinforce":
+        logprobs = token_logprobs(policy, rollout.idx)
+        kl = sequence_kl(logprobs.detach(), reference_logprobs, mask)
+        # the KL penalty goes into the reward (as InstructGPT did), so the estimator is the gradient of
+        # E[reward] - beta KL; the baseline then compares each sample with its siblings
+        total = (rewards - config.kl_coef * kl).view(-1, config.samples_per_prompt)
+        advantages = leave_one_out_advantages(total).view(-1)
+        loss = reinforce_loss(logprobs, mask, advantages)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        clip_gradients(policy, value_head, config.grad_clip)
+        optimizer.step()
+        extra = {"loss": loss.item()}
+    else:
+        extra, kl = ppo_update(policy, value_head, optimizer, rollout, rewards, reference_logprobs, config)
+    distinct, distinct_2 = diversity(rollout.tokens, config.samples_per_prompt)
+    line = {"reward": scores.mean().item(), "kl": kl.mean().item(), "kl_warning": int(check_kl(kl, step)),
+            "length": sum(map(len, rollout.tokens)) / len(rollout.tokens),
+            "distinct": distinct, "distinct_2": distinct_2, "tokens": int(mask.sum().item())}
+    if world is not None:
+        line["oracle"] = sum(oracle_scores(world, rollout.prompts, rollout.responses)) / len(rollout.prompts)
+    line.update(extra)
+    return line
+
+
+def ppo_update(policy, value_head, optimizer, rollout, rewards, reference_logprobs, config):
+    mask = rollout.mask
+    with torch.no_grad():
+        old_logprobs, old_values = logprobs_and_values(policy, value_head, rollout.idx)
+        kl = sequence_kl(old_logprobs, reference_logprobs, mask)
+        token_rewards = per_token_rewards(rewards, old_logprobs, reference_logprobs, mask, config.kl_coef)
+        advantages, returns = gae_advantages(token_rewards, old_values, mask, gamma=1.0, lam=config.gae_lambda)
+        advantages = whiten(advantages, mask)   # one scale for every batch: a steadier step size
+    rows = rollout.idx.shape[0]
+    size = max(rows // max(config.ppo_minibatches, 1), 1)
+    generator = torch.Generator().manual_seed(config.seed)
+    losses, value_losses, clip_fractions = [], [], []
+    for _ in range(config.ppo_epochs):
+        order = torch.randperm(rows, generator=generator).to(rollout.idx.device)
+        for start in range(0, rows, size):
+            chosen = order[start:start + size]
+            logprobs, values = logprobs_and_values(policy, value_head, rollout.idx[chosen])
+            policy_loss, clip_fraction = ppo_policy_loss(logprobs, old_logprobs[chosen], advantages[chosen],
+                                                         mask[chosen], config.clip_range)
+            value_loss = 0.5 * masked_mean((values - returns[chosen]) ** 2, mask[chosen])
+            loss = policy_loss + config.value_coef * value_loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            clip_gradients(policy, value_head, config.grad_clip)
+            optimizer.step()
+            losses.append(policy_loss.item())
+            value_losses.append(value_loss.item())
+            clip_fractions.append(clip_fraction.item())
+    return ({"loss": sum(losses) / len(losses), "value_loss": sum(value_losses) / len(value_losses),
+             "clip_fraction": sum(clip_fractions) / len(clip_fractions)}, kl)
+
+
+def dpo_step(policy, reference, optimizer, tokenizer, pairs, config):
+    device = next(policy.parameters()).device
+    idx, mask = pair_batch(tokenizer, pairs, policy.config.block_size, device)
+    with torch.no_grad():
+        reference_logprobs = response_logprobs(reference, idx, mask)
+    policy_logprobs = response_logprobs(policy, idx, mask)
+    n = len(pairs)
+    loss, chosen, rejected = dpo_loss(policy_logprobs[:n], policy_logprobs[n:],
+                                      reference_logprobs[:n], reference_logprobs[n:], config.dpo_beta)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    clip_gradients(policy, None, config.grad_clip)
+    optimizer.step()
+    return {"loss": loss.item(), "accuracy": (chosen > rejected).float().mean().item(),
+            "margin": (chosen - rejected).mean().item(), "tokens": int(mask.sum().item())}
+
+
+def clip_gradients(policy, value_head, grad_clip):
+    if grad_clip > 0:
+        parameters = list(policy.parameters()) + (list(value_head.parameters()) if value_head else [])
+        torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
+
+
+def make_optimizer(policy, value_head, config):
+    # no weight decay: it would pull the weights towards zero, not towards the reference
+    optimizer = policy.configure_optimizer(config.learning_rate, weight_decay=0.0)
+    if value_head is not None:
+        optimizer.add_param_group({"params": list(value_head.parameters()), "weight_decay": 0.0})
+    return optimizer
+
+
+def freeze(model):
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model
+
+
+def batch_of(items, step, size, seed):
+    """Batch `step` of an endless stream of seeded shuffles of items: a function of the step alone, so
+    a resumed run sees exactly the batches an uninterrupted one would."""
+    size = min(size, len(items))
+    start = step * size
+    batch = []
+    while len(batch) < size:
+        epoch, offset = divmod(start + len(batch), len(items))
+        order = list(range(len(items)))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        batch.extend(items[i] for i in order[offset:offset + size - len(batch)])
+    return batch
+
+
+# -----------------------------------------------------------------------------------------------
+# The stage
+
+def main(config: Config) -> dict:
+    start = time.time()
+    set_seed(config.seed)
+    device = choose_device(config.device)
+    check_config(config)
+    sft_path = config.init_from or os.path.join(config.out_dir, "sft.pt")
+    reward_path = config.reward_model or os.path.join(config.out_dir, "reward.pt")
+    rlhf_path = os.path.join(config.out_dir, "rlhf.pt")
+
+    # --- the models: the policy and a frozen reference, both from SFT; the frozen reward model
+    reference, tokenizer, _ = load_model(sft_path, stages="sft", device=device)
+    freeze(reference)
+    policy = copy.deepcopy(reference)
+    for parameter in policy.parameters():
+        parameter.requires_grad_(True)
+    reward_model, reward_fn = None, None
+    if config.algo != "dpo" or os.path.isfile(reward_path):   # dpo uses it only to report rewards
+        reward_model, reward_tokenizer, _ = load_model(reward_path, stages="reward", device=device)
+        check_same_tokenizer(sft_path, tokenizer, reward_path, reward_tokenizer)
+        freeze(reward_model)
+        from reward import reward_scores
+
+        def reward_fn(prompts, responses):
+            return reward_scores(reward_model, tokenizer, prompts, responses)
+
+    # --- data: the world's RL prompts (or the comparisons, for dpo), its held-out tasks
+    from data.tinyworld import World
+    world = World()
+    prompts = [task.prompt for task in world.tasks("rl")]
+    pairs = None
+    if config.algo == "dpo":
+        from reward import read_preferences
+        data_path = config.data or os.path.join(config.out_dir, "comparisons.jsonl")
+        if not os.path.isfile(data_path):
+            raise UsageError(f"{data_path} not found: run `python reward.py` first (it writes the comparisons), "
+                             f"or pass --data FILE.jsonl")
+        comparisons, _ = read_preferences(data_path)
+        pairs = preference_pairs(comparisons)
+        if not pairs:
+            raise UsageError(f"{data_path}: every ranking is a tie; there is no preference to learn from")
+        print(f"dpo: {len(pairs)} preference pairs from {len(comparisons)} rankings in {data_path}")
+    tasks = world.tasks("eval")
+    tasks = tasks[:config.eval_tasks] if config.eval_tasks > 0 else tasks
+    report_prompts = [task.prompt for task in tasks[:config.diversity_prompts]]
+
+    # --- the optimizer, and where we start: fresh, or --resume
+    value_head = ValueHead(policy.config.n_embd).to(device) if config.algo == "ppo" else None
+    optimizer = make_optimizer(policy, value_head, config)
+    history, first_step, normalizer, before = {}, 0, RewardNormalizer(), None
+    if config.resume:
+        checkpoint = load_checkpoint(rlhf_path, stages="rlhf")
+        state = checkpoint.get("resume")
+        if not state:
+            raise UsageError(f"{rlhf_path} holds no training state to resume")
+        if state["algo"] != config.algo:
+            raise UsageError(f"{rlhf_path} was trained with --algo {state['algo']}; resume with that")
+        policy.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if value_head is not None:
+            value_head.load_state_dict(state["value_head"])
+        history, first_step, before = state["history"], state["step"], state["before"]
+        normalizer = RewardNormalizer(state["reward_mean"], state["reward_std"])
+        print(f"resuming {config.algo} at step {first_step}")
+
+    # --- before: the SFT model on the held-out tasks
+    if before is None:
+        print(f"evaluating the SFT model on {len(tasks)} held-out tasks ...")
+        before = evaluate_heldout(reference, tokenizer, world, tasks, config.max_new_tokens, config.seed)
+        before.update({f"samples/{k}": v for k, v in sample_report(
+            reference, reference, tokenizer, reward_fn, world, report_prompts, config, config.seed).items()})
+
+    # --- training
+    progress = Progress(config.max_iters, prefix=f"rlhf {config.algo} ")
+    completed, interrupted = first_step, False
+    policy.eval()   # eval mode = no dropout: the log-probabilities must be the sampler's
+    try:
+        for step in range(first_step, config.max_iters):
+            if config.algo == "dpo":
+                line = dpo_step(policy, reference, optimizer, tokenizer,
+                                batch_of(pairs, step, config.dpo_batch_size, config.seed), config)
+            else:
+                line = rollout_step(policy, reference, value_head, optimizer, tokenizer,
+                                    batch_of(prompts, step, config.prompts_per_step, config.seed),
+                                    reward_fn, normalizer, config, step, world)
+            for key, value in line.items():
+                history.setdefault(key, []).append(value)
+            shown = {key: line[key] for key in ("reward", "oracle", "kl", "loss", "accuracy") if key in line}
+            completed = step + 1
+            progress.update(completed, tokens=line["tokens"], **shown)
+    except KeyboardInterrupt:
+        interrupted = True
+        print(f"\ninterrupted after step {completed}: saving {rlhf_path}; continue with --resume")
+    progress.close()
+
+    # --- after: the same evaluation
+    metrics = {"algo": config.algo, "steps": completed, "kl_coef": config.kl_coef}
+    metrics.update({f"sft/{key}": value for key, value in before.items()})
+    if not interrupted:
+        after = evaluate_heldout(policy, tokenizer, world, tasks, config.max_new_tokens, config.seed)
+        after.update({f"samples/{k}": v for k, v in sample_report(
+            policy, reference, tokenizer, reward_fn, world, report_prompts, config, config.seed).items()})
+        metrics.update({f"rlhf/{key}": value for key, value in after.items()})
+        for mode in ("greedy", "temp1"):
+            old, new = before[f"{mode}/score/all"], after[f"{mode}/score/all"]
+            metrics[f"error_removed/{mode}"] = (new - old) / (1.0 - old) if old < 1.0 else 0.0
+    last = max(1, min(10, len(history.get("tokens", [])) // 4))
+    metrics.update({f"train/{key}": sum(values[-last:]) / len(values[-last:])
+                    for key, values in history.items() if key not in ("tokens", "kl_warning") and values})
+    if "kl_warning" in history:
+        metrics["train/kl_warnings"] = sum(history["kl_warning"])   # steps whose mean KL was < 0 beyond noise
+    metrics["seconds"] = round(time.time() - start, 1)
+
+    # --- save (with the training state, so --resume can continue or extend the run)
+    state = {"algo": config.algo, "step": completed, "optimizer": optimizer.state_dict(), "history": history,
+             "before": before, "reward_mean": normalizer.mean, "reward_std": normalizer.std,
+             "value_head": value_head.state_dict() if value_head is not None else None}
+    save_checkpoint(rlhf_path, stage="rlhf", model=policy, tokenizer=tokenizer,
+                    parent={"path": sft_path, "stage": "sft"}, args=dataclasses.asdict(config),
+                    metrics=metrics, extra={"resume": state})
+    write_json(os.path.join(config.out_dir, "rlhf.json"), metrics)
+    save_plot(os.path.join(config.out_dir, "rlhf.png"), history, config.algo)
+    print(summary(metrics))
+    return metrics
+
+
+def check_config(config):
+    if config.algo not in ("reinforce", "ppo", "dpo"):
+        raise UsageError(f"--algo {config.algo}: expected reinforce, ppo or dpo")
+    if config.algo == "reinforce" and config.samples_per_prompt < 2:
+        raise UsageError("--samples_per_prompt must be at least 2: the leave-one-out baseline compares siblings")
+    for name in ("max_iters", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "dpo_batch_size",
+                 "ppo_epochs", "ppo_minibatches"):
+        if getattr(config, name) < 1:
+            raise UsageError(f"--{name} must be at least 1")
+    if config.kl_coef < 0 or config.learning_rate <= 0:
+        raise UsageError("--kl_coef must be >= 0 and --learning_rate > 0")
+
+
+def summary(metrics):
+    keys = ["steps", "seconds", "sft/temp1/score/all", "rlhf/temp1/score/all", "error_removed/temp1",
+            "sft/greedy/score/all", "rlhf/greedy/score/all", "rlhf/samples/kl", "sft/samples/distinct",
+            "rlhf/samples/distinct", "sft/samples/reward", "rlhf/samples/reward"]
+    return " | ".join(f"{k} {metrics[k]:.3f}" if isinstance(metrics[k], float) else f"{k} {metrics[k]}"
+                      for k in keys if k in metrics)
+
+
+def save_plot(path, history, algo):
+    steps = list(range(1, len(history.get("tokens", [])) + 1))
+    if not steps:
+        return
+    def curve(key):
+        return (steps, history[key])
+    if algo == "dpo":
+        panels = [("DPO loss", {"loss": curve("loss")}),
+                  ("pairs ranked right by the implicit reward", {"accuracy": curve("accuracy")}),
+                  ("implicit reward margin (chosen - rejected)", {"margin": curve("margin")})]
+    else:
+        scores = {"reward model (mean of samples)": curve("reward")}
+        if "oracle" in history:
+            scores["oracle score (the labelers' view)"] = curve("oracle")
+        panels = [("reward vs oracle: the gap is reward hacking", scores),
+                  ("KL(policy || SFT), nats per completion", {"KL": curve("kl")}),
+                  ("diversity of the K samples of a prompt", {"distinct completions": curve("distinct"),
+                                                              "distinct 2-grams": curve("distinct_2")})]
+    plot_curves(path, panels)
+
+
+if __name__ == "__main__":
+    run_cli(main, Config, __doc__)

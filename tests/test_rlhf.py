@@ -1,0 +1,267 @@
+"""rlhf.py: the pieces against hand-computed cases, the KL and log-probability plumbing against fresh
+forward passes, and each algorithm raising a simple known reward on a tiny model."""
+
+import copy
+import json
+import math
+import os
+import random
+
+import pytest
+import torch
+
+import rlhf
+from model import UsageError, load_model
+
+PROMPTS = ["What is the capital of Peru?", "What is 2 + 3?", "How many legs does a cat have?",
+           "Write a story."]
+
+
+def tiny_config(tmp_path, **overrides):
+    settings = dict(out_dir=str(tmp_path), device="cpu", max_iters=2, prompts_per_step=2,
+                    samples_per_prompt=2, max_new_tokens=6, eval_tasks=4, diversity_prompts=2,
+                    learning_rate=1e-3, dpo_batch_size=4)
+    settings.update(overrides)
+    return rlhf.Config(**settings)
+
+
+@pytest.fixture
+def policy_and_tokenizer(tmp_path, make_checkpoint):
+    model, tokenizer, _ = load_model(make_checkpoint(tmp_path / "sft.pt", "sft"), stages="sft")
+    return model, tokenizer
+
+
+# --- log-probabilities and KL ---------------------------------------------------------------------
+
+def test_sampled_logprobs_equal_a_fresh_forward_pass(policy_and_tokenizer):
+    policy, tokenizer = policy_and_tokenizer
+    rollout = rlhf.sample_rollout(policy, tokenizer, PROMPTS, samples_per_prompt=3, max_new_tokens=10, seed=0)
+    with torch.no_grad():
+        logprobs = rlhf.token_logprobs(policy, rollout.idx)
+    for row, sampled in enumerate(rollout.sampled_logprobs):
+        recomputed = logprobs[row][rollout.mask[row] > 0]
+        assert len(recomputed) == len(sampled) == len(rollout.tokens[row]) > 0
+        torch.testing.assert_close(recomputed, torch.tensor(sampled), atol=1e-5, rtol=0)
+    # the mask picks exactly the completion tokens, as targets
+    for row, tokens in enumerate(rollout.tokens):
+        assert rollout.idx[row, 1:][rollout.mask[row] > 0].tolist() == tokens
+
+
+def test_kl_is_zero_when_policy_equals_reference(policy_and_tokenizer):
+    policy, tokenizer = policy_and_tokenizer
+    reference = copy.deepcopy(policy)
+    rollout = rlhf.sample_rollout(policy, tokenizer, PROMPTS, samples_per_prompt=2, max_new_tokens=8, seed=1)
+    with torch.no_grad():
+        kl = rlhf.sequence_kl(rlhf.token_logprobs(policy, rollout.idx),
+                              rlhf.token_logprobs(reference, rollout.idx), rollout.mask)
+    assert kl.abs().max().item() < 1e-5
+    assert not rlhf.check_kl(torch.tensor([0.1, -0.1, 0.05, -0.05]), step=0)   # noise around 0: fine
+    assert rlhf.check_kl(torch.tensor([-1.0, -1.1, -0.9, -1.0]), step=0)       # clearly negative: a bug
+
+
+# --- the objectives against hand-computed cases ---------------------------------------------------
+
+def test_leave_one_out_baseline_hand_computed():
+    rewards = torch.tensor([[1.0, 2.0, 3.0, 6.0], [0.0, 0.0, 0.0, 4.0]])
+    advantages = rlhf.leave_one_out_advantages(rewards)
+    expected = torch.tensor([[1 - 11 / 3, 2 - 10 / 3, 3 - 9 / 3, 6 - 6 / 3],
+                             [0 - 4 / 3, 0 - 4 / 3, 0 - 4 / 3, 4 - 0]])
+    torch.testing.assert_close(advantages, expected)
+    # a prompt whose K samples all score the same teaches nothing
+    assert rlhf.leave_one_out_advantages(torch.full((1, 3), 5.0)).abs().max() == 0
+    with pytest.raises(UsageError):
+        rlhf.leave_one_out_advantages(torch.ones(2, 1))
+
+
+def test_ppo_clipped_objective_hand_computed():
+    # ratios 1.5, 0.5, 1.5, 0.5 with advantages +1, +1, -1, -1 and clip 0.2; the fifth token is masked
+    old = torch.zeros(1, 5)
+    logprobs = torch.log(torch.tensor([[1.5, 0.5, 1.5, 0.5, 9.0]]))
+    advantages = torch.tensor([[1.0, 1.0, -1.0, -1.0, 100.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0]])
+    loss, clip_fraction = rlhf.ppo_policy_loss(logprobs, old, advantages, mask, clip_range=0.2)
+    # per token -min(r A, clip(r) A): -min(1.5, 1.2), -min(0.5, 0.8), -min(-1.5, -1.2), -min(-0.5, -0.8)
+    assert loss.item() == pytest.approx((-1.2 - 0.5 + 1.5 + 0.8) / 4)
+    assert clip_fraction.item() == pytest.approx(0.5)   # tokens 1 and 4: the clipped term wins
+    # at ratio 1 the surrogate's gradient is the policy gradient: d/d logprob = -A
+    at_one = torch.zeros(1, 3, requires_grad=True)
+    rlhf.ppo_policy_loss(at_one, torch.zeros(1, 3), torch.tensor([[2.0, -1.0, 0.5]]), torch.ones(1, 3), 0.2)[0].backward()
+    torch.testing.assert_close(at_one.grad, torch.tensor([[-2.0, 1.0, -0.5]]) / 3)
+
+
+def test_gae_hand_computed():
+    # a prompt token (mask 0), three completion tokens, a padding slot; reward 1 at the last token
+    mask = torch.tensor([[0.0, 1.0, 1.0, 1.0, 0.0]])
+    rewards = torch.tensor([[0.0, 0.0, 0.0, 1.0, 0.0]])
+    values = torch.tensor([[9.0, 0.5, 0.5, 0.5, 9.0]])
+    advantages, returns = rlhf.gae_advantages(rewards, values, mask, gamma=1.0, lam=1.0)
+    torch.testing.assert_close(advantages, torch.tensor([[0.0, 0.5, 0.5, 0.5, 0.0]]))  # return 1 - V
+    torch.testing.assert_close(returns, torch.tensor([[0.0, 1.0, 1.0, 1.0, 0.0]]))
+    advantages, _ = rlhf.gae_advantages(rewards, values, mask, gamma=1.0, lam=0.5)
+    # deltas 0, 0, 0.5 -> A = 0.125, 0.25, 0.5
+    torch.testing.assert_close(advantages, torch.tensor([[0.0, 0.125, 0.25, 0.5, 0.0]]))
+    token_rewards = rlhf.per_token_rewards(torch.tensor([2.0]), torch.tensor([[0.0, 0.3, 0.2, 0.1, 0.0]]),
+                                           torch.zeros(1, 5), mask, kl_coef=0.1)
+    torch.testing.assert_close(token_rewards, torch.tensor([[0.0, -0.03, -0.02, 2.0 - 0.01, 0.0]]))
+
+
+def test_dpo_loss_hand_computed():
+    loss, chosen, rejected = rlhf.dpo_loss(torch.tensor([-1.0]), torch.tensor([-3.0]),
+                                           torch.tensor([-2.0]), torch.tensor([-2.0]), beta=0.5)
+    # implicit rewards 0.5 * (+1) and 0.5 * (-1); loss = -log sigmoid(1) = log(1 + e^-1)
+    assert loss.item() == pytest.approx(math.log(1 + math.exp(-1)))
+    assert (chosen.item(), rejected.item()) == (0.5, -0.5)
+
+
+def test_dpo_loss_is_log_2_at_the_start(policy_and_tokenizer):
+    policy, tokenizer = policy_and_tokenizer
+    reference = rlhf.freeze(copy.deepcopy(policy))
+    optimizer = rlhf.make_optimizer(policy, None, rlhf.Config(learning_rate=1e-3))
+    pairs = [(p, "Lima is the capital.", "I do not know.") for p in PROMPTS]
+    line = rlhf.dpo_step(policy, reference, optimizer, tokenizer, pairs, rlhf.Config(dpo_beta=0.1))
+    assert line["loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_diversity_counts():
+    distinct, distinct_2 = rlhf.diversity([[1, 2, 3], [1, 2, 3], [4, 5], [6, 7]], samples_per_prompt=2)
+    # prompt 1: one distinct of two, 2-grams (1,2),(2,3) twice -> 2/4; prompt 2: 2/2 and 2/2
+    assert distinct == pytest.approx((0.5 + 1.0) / 2)
+    assert distinct_2 == pytest.approx((0.5 + 1.0) / 2)
+
+
+def test_batches_are_a_function_of_the_step():
+    items = list(range(10))
+    assert rlhf.batch_of(items, 3, 4, seed=1) == rlhf.batch_of(items, 3, 4, seed=1)
+    first_epoch = [x for step in range(5) for x in rlhf.batch_of(items, step, 2, seed=1)]
+    assert sorted(first_epoch) == items   # every item once per pass
+
+
+# --- each algorithm raises a simple known reward ---------------------------------------------------
+
+def digit_reward(prompts, responses):
+    """A reward anyone can check: the share of the response's characters that are digits."""
+    return torch.tensor([sum(c.isdigit() for c in r) / max(len(r), 1) for r in responses])
+
+
+def mean_reward(policy, tokenizer, seed=123):
+    rollout = rlhf.sample_rollout(policy, tokenizer, PROMPTS * 8, 4, 8, seed=seed)
+    return digit_reward(rollout.prompts, rollout.responses).mean().item()
+
+
+@pytest.mark.parametrize("algo", ["reinforce", "ppo"])
+def test_rl_raises_a_known_reward_and_keeps_reference_and_reward_model_frozen(
+        algo, tmp_path, make_checkpoint, policy_and_tokenizer):
+    policy, tokenizer = policy_and_tokenizer
+    reference = rlhf.freeze(copy.deepcopy(policy))
+    reward_model, _, _ = load_model(make_checkpoint(tmp_path / "reward.pt", "reward", seed=1), stages="reward")
+    rlhf.freeze(reward_model)
+    frozen = {name: copy.deepcopy(model.state_dict()) for name, model in
+              (("reference", reference), ("reward", reward_model))}
+    from reward import reward_scores
+
+    def reward_fn(prompts, responses):   # the known reward, plus (with weight 0) the real reward model
+        return digit_reward(prompts, responses) + 0.0 * reward_scores(reward_model, tokenizer, prompts, responses)
+
+    config = rlhf.Config(algo=algo, learning_rate=1e-2, samples_per_prompt=4, max_new_tokens=8, kl_coef=0.01,
+                         truncation_penalty=0.0, ppo_epochs=2)
+    value_head = rlhf.ValueHead(policy.config.n_embd) if algo == "ppo" else None
+    optimizer = rlhf.make_optimizer(policy, value_head, config)
+    normalizer = rlhf.RewardNormalizer()
+    before = mean_reward(policy, tokenizer)
+    for step in range(15):
+        line = rlhf.rollout_step(policy, reference, value_head, optimizer, tokenizer, PROMPTS, reward_fn,
+                                 normalizer, config, step)
+        assert line["kl_warning"] == 0   # the mean KL estimate is never negative beyond noise
+    after = mean_reward(policy, tokenizer)
+    assert after > before + 0.05, (before, after)
+    for name, model in (("reference", reference), ("reward", reward_model)):
+        for key, tensor in model.state_dict().items():
+            assert torch.equal(tensor, frozen[name][key]), f"{name} changed: {key}"
+
+
+def test_dpo_raises_a_known_reward(policy_and_tokenizer):
+    policy, tokenizer = policy_and_tokenizer
+    reference = rlhf.freeze(copy.deepcopy(policy))
+    frozen = copy.deepcopy(reference.state_dict())
+    rng = random.Random(0)
+    words = "the cat is of a sea dog and on it".split()
+    pairs = [(prompt, "".join(rng.choice("0123456789") for _ in range(6)), " ".join(rng.choice(words) for _ in range(3)))
+             for prompt in PROMPTS for _ in range(8)]   # digits preferred to words
+    config = rlhf.Config(learning_rate=1e-2, dpo_beta=0.1)
+    optimizer = rlhf.make_optimizer(policy, None, config)
+    before = mean_reward(policy, tokenizer)
+    losses = [rlhf.dpo_step(policy, reference, optimizer, tokenizer, pairs, config)["loss"] for _ in range(15)]
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-6) and losses[-1] < 0.3
+    assert mean_reward(policy, tokenizer) > before + 0.05
+    assert all(torch.equal(t, frozen[k]) for k, t in reference.state_dict().items())
+
+
+# --- the whole stage ---------------------------------------------------------------------------------
+
+def test_stage_writes_its_outputs_and_resume_equals_uninterrupted(tmp_path, make_checkpoint):
+    for folder in ("straight", "resumed"):
+        make_checkpoint(tmp_path / folder / "sft.pt", "sft")
+        make_checkpoint(tmp_path / folder / "reward.pt", "reward", seed=1)
+    metrics = rlhf.main(tiny_config(tmp_path / "straight", max_iters=2))
+    for name in ("rlhf.pt", "rlhf.json", "rlhf.png"):
+        assert os.path.isfile(tmp_path / "straight" / name)
+    with open(tmp_path / "straight" / "rlhf.json") as file:
+        saved = json.load(file)
+    assert saved["steps"] == 2 and saved["algo"] == "reinforce"
+    for key in ("sft/temp1/score/all", "rlhf/temp1/score/all", "rlhf/greedy/score/all", "rlhf/samples/kl",
+                "sft/samples/distinct", "rlhf/samples/distinct_2", "train/reward", "train/oracle", "seconds"):
+        assert key in saved, key
+    assert all(not isinstance(value, (dict, list)) for value in saved.values())   # flat
+    assert metrics["steps"] == 2
+    straight, _, checkpoint = load_model(str(tmp_path / "straight" / "rlhf.pt"), stages="rlhf")
+    assert checkpoint["parent"]["stage"] == "sft"
+
+    rlhf.main(tiny_config(tmp_path / "resumed", max_iters=1))
+    rlhf.main(tiny_config(tmp_path / "resumed", max_iters=2, resume=True))
+    resumed, _, _ = load_model(str(tmp_path / "resumed" / "rlhf.pt"), stages="rlhf")
+    for key, tensor in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], tensor, atol=1e-6, rtol=0)
+
+
+def test_ppo_and_dpo_stages_run(tmp_path, make_checkpoint):
+    make_checkpoint(tmp_path / "sft.pt", "sft")
+    make_checkpoint(tmp_path / "reward.pt", "reward", seed=1)
+    metrics = rlhf.main(tiny_config(tmp_path, algo="ppo", max_iters=1, ppo_epochs=1))
+    assert "train/value_loss" in metrics and "train/clip_fraction" in metrics
+    with open(tmp_path / "comparisons.jsonl", "w") as file:
+        file.write(json.dumps({"prompt": "What is 2 + 3?", "completions": ["5", "6", "5"], "ranking": [0, 2, 1],
+                               "scores": [1.0, 0.0, 1.0]}) + "\n")
+    metrics = rlhf.main(tiny_config(tmp_path, algo="dpo", max_iters=1))
+    assert metrics["train/loss"] == pytest.approx(math.log(2), abs=1e-5)
+
+
+# --- clear errors ----------------------------------------------------------------------------------
+
+def test_missing_inputs_give_clear_errors(tmp_path, make_checkpoint, tiny_tokenizer):
+    with pytest.raises(UsageError, match="sft.pt not found: run `python sft.py` first"):
+        rlhf.main(tiny_config(tmp_path))
+    make_checkpoint(tmp_path / "sft.pt", "sft")
+    with pytest.raises(UsageError, match="reward.pt not found: run `python reward.py` first"):
+        rlhf.main(tiny_config(tmp_path))
+    with pytest.raises(UsageError, match="comparisons.jsonl not found: run `python reward.py` first"):
+        rlhf.main(tiny_config(tmp_path, algo="dpo"))
+    make_checkpoint(tmp_path / "reward.pt", "sft")   # the wrong stage
+    with pytest.raises(UsageError, match="'sft' checkpoint"):
+        rlhf.main(tiny_config(tmp_path))
+    make_checkpoint(tmp_path / "reward.pt", "reward")
+    with pytest.raises(UsageError, match="rlhf.pt not found"):
+        rlhf.main(tiny_config(tmp_path, resume=True))
+    with pytest.raises(UsageError, match="samples_per_prompt"):
+        rlhf.main(tiny_config(tmp_path, samples_per_prompt=1))
+
+
+def test_reward_model_with_another_tokenizer_is_refused(tmp_path, make_checkpoint, world):
+    from bpe import Tokenizer
+    from model import GPT, GPTConfig, save_checkpoint
+    make_checkpoint(tmp_path / "sft.pt", "sft")
+    other = Tokenizer.train(world.documents()[:50], vocab_size=300)
+    model = GPT(GPTConfig(vocab_size=other.vocab_size, n_layer=1, n_head=2, n_embd=32, block_size=128,
+                          scalar_head=True))
+    save_checkpoint(str(tmp_path / "reward.pt"), stage="reward", model=model, tokenizer=other)
+    with pytest.raises(UsageError, match="different tokenizers"):
+        rlhf.main(tiny_config(tmp_path))
