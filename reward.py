@@ -266,8 +266,9 @@ def pairwise_loss(rewards, groups, levels):
     margin = rewards[:, None] - rewards[None, :]
     # logsigmoid, not log(sigmoid): stays finite when the margin is very negative
     loss = -(F.logsigmoid(margin) * weight).sum() / prompts_with_pairs.clamp(min=1)
-    correct = ((margin > 0).float() * better).sum()
-    return loss, correct / better.sum().clamp(min=1), int(better.sum())
+    # a pair is right when the better completion gets the higher reward; equal rewards are a coin toss
+    right = (margin > 0).float() + 0.5 * (margin == 0).float()
+    return loss, (right * better).sum() / better.sum().clamp(min=1), int(better.sum())
 
 
 def comparison_batch(comparisons, tokenizer, block_size, device):
@@ -291,6 +292,18 @@ def batch_loss(model, comparisons, tokenizer, config, device):
     # their mean keeps them centred on 0, which is what RL wants to see
     centred_loss = loss + config.center_penalty * rewards.mean() ** 2
     return centred_loss, loss, accuracy, idx.numel()
+
+
+@torch.no_grad()
+def centre_rewards(model, tokenizer, comparisons):
+    """Shift the head's bias so the mean reward over the training completions is exactly 0. The
+    pairwise loss cannot see a constant added to every reward, so the reward's zero is arbitrary;
+    RL wants it at "an average sample of the SFT model". Returns the offset removed."""
+    prompts = [c.prompt for c in comparisons for _ in c.completions]
+    responses = [text for c in comparisons for text in c.completions]
+    offset = reward_scores(model, tokenizer, prompts, responses).mean().item()
+    model.scalar_head.bias -= offset
+    return offset
 
 
 # -----------------------------------------------------------------------------------------------
@@ -495,11 +508,13 @@ def main(config: Config) -> dict:
         print(f"\ninterrupted at step {step}: saving {reward_path}; continue with --resume")
     progress.close()
 
+    offset = centre_rewards(model, tokenizer, train_set)
+
     # --- evaluation on the held-out prompts
     metrics = {"comparisons/prompts": len(comparisons), "comparisons/tied_prompts": tied,
                "comparisons/train_prompts": len(train_set), "comparisons/heldout_prompts": len(heldout_set),
                "comparisons/heldout_pairs": heldout_pairs, "comparisons/skipped": skipped,
-               "steps": step, "train/loss": history["train_loss"][-1] if history["train_loss"] else float("nan")}
+               "steps": step, "reward/offset_removed": offset, "train/loss": history["train_loss"][-1] if history["train_loss"] else float("nan")}
     scores = None
     if heldout_set:
         result = evaluate(model, tokenizer, heldout_set)

@@ -78,6 +78,9 @@ def test_pairwise_loss_matches_hand_computation_and_ignores_ties():
     moved = rewards.clone()
     moved[1], moved[2] = -1.0, 0.0
     assert pairwise_loss(moved, groups, levels)[0].item() == pytest.approx(loss.item(), rel=1e-6)
+    # all rewards equal (the untrained head): log 2 per pair, and accuracy is chance, not 0
+    equal_loss, equal_accuracy, _ = pairwise_loss(torch.zeros(5), groups, levels)
+    assert equal_loss.item() == pytest.approx(math.log(2)) and equal_accuracy.item() == 0.5
 
 
 def test_pairwise_loss_stays_finite_and_has_gradients():
@@ -183,11 +186,11 @@ def test_reward_model_learns_a_preference(tmp_path, make_checkpoint):
     data = tmp_path / "prefs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in synthetic_preferences(200, seed=0)))
     config = Config(out_dir=str(tmp_path / "run"), init_from=sft, data=str(data), device="cpu",
-                    max_iters=120, prompts_per_step=16, learning_rate=3e-3, eval_interval=40, examples=1)
+                    max_iters=60, prompts_per_step=16, learning_rate=3e-3, eval_interval=20, examples=1)
     metrics = main(config)
     assert metrics["heldout/pairwise_accuracy"] >= 0.85          # chance is 0.5
     assert metrics["heldout/loss"] < math.log(2)                  # better than the untrained model's log 2
-    assert abs(metrics["reward/mean"]) < metrics["reward/std"]    # centred
+    assert abs(metrics["reward/mean"]) < 0.5 * metrics["reward/std"]    # centred
     checkpoint = load_checkpoint(str(tmp_path / "run" / "reward.pt"), stages="reward")
     assert checkpoint["parent"] == {"path": sft, "stage": "sft"}
     assert checkpoint["model_config"]["scalar_head"] and "resume" not in checkpoint
