@@ -43,6 +43,13 @@ class GPTConfig:
     dropout: float = 0.0      # 0 for pretraining on small data in few steps; 0.1 helps long runs overfit less
     scalar_head: bool = False  # add a linear head that reads one number (a reward or a value) per position
 
+    def __post_init__(self):
+        if min(self.vocab_size, self.block_size, self.n_layer, self.n_head, self.n_embd) < 1:
+            raise UsageError(f"every size in the model configuration must be at least 1: {self}")
+        if self.n_embd % self.n_head:
+            raise UsageError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head}): "
+                             "each head gets an equal slice of the width")
+
 
 class KVCache:
     """The keys and values of one layer for every token seen so far, in tensors allocated once for
@@ -73,7 +80,6 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        assert config.n_embd % config.n_head == 0, "n_embd must be a multiple of n_head"
         self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # queries, keys, values in one matmul
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)      # the heads' outputs mixed back together
@@ -112,8 +118,8 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     """Pre-LayerNorm (GPT-2's change from the original transformer): normalise the input of each
-    sublayer, never the residual stream itself, so the identity path stays clean from the input
-    embedding to the output, which keeps deep stacks trainable without warm-up tricks."""
+    sublayer, never the residual stream itself, so the identity path runs clean from the embedding
+    to the output; gradients reach early layers undiminished, and deep stacks train stably."""
 
     def __init__(self, config):
         super().__init__()
@@ -142,7 +148,8 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # Weight tying (as GPT-2): the output head is the token embedding matrix itself, so a token's
         # logit is the dot product of the final hidden state with that token's embedding. It saves
-        # vocab_size x n_embd parameters (a third of this tiny model) and both uses train one matrix.
+        # vocab_size x n_embd parameters (38 M of GPT-2 small's 124 M), and a token that is rare as
+        # an input still learns from every step in which it is a possible output.
         self.transformer.wte.weight = self.lm_head.weight
         # The reward model and the RLHF value head are this same GPT with one more linear layer that
         # reads a single number from the final hidden state.
@@ -242,7 +249,7 @@ class GPT(nn.Module):
         on_token(b, token) is called for each token as it is generated (streaming).
         use_cache=False recomputes the whole sequence at every step (slow; for tests and benchmarks).
         """
-        _check_sampling(prompts, self.config.block_size, max_new_tokens, temperature, top_k, top_p)
+        _check_sampling(prompts, self.config, max_new_tokens, temperature, top_k, top_p)
         device = self.lm_head.weight.device
         lengths = [len(prompt) for prompt in prompts]
         budgets = [min(max_new_tokens, self.config.block_size - length) for length in lengths]
@@ -253,9 +260,10 @@ class GPT(nn.Module):
         # The whole batch's token grid, left-padded (padding slots hold token 0 and are never attended to).
         width = longest + steps
         padding = torch.tensor([longest - length for length in lengths], device=device)
-        tokens = torch.zeros(batch, width, dtype=torch.long, device=device)
+        tokens = torch.zeros(batch, width, dtype=torch.long)
         for row, prompt in enumerate(prompts):
             tokens[row, longest - len(prompt):longest] = torch.tensor(prompt, dtype=torch.long)
+        tokens = tokens.to(device)  # one copy to the device, not one per prompt
         slots = torch.arange(width, device=device)
         # Position ids: each sequence counts from its first real token. A sequence that has filled
         # the context is finished, but still rides along in the batch: clamp so it indexes nothing
@@ -378,10 +386,13 @@ class Generation:
     stopped: bool      # True iff it ended on a stop token (False: max_new_tokens or the context ran out)
 
 
-def _check_sampling(prompts, block_size, max_new_tokens, temperature, top_k, top_p):
+def _check_sampling(prompts, config, max_new_tokens, temperature, top_k, top_p):
     for number, prompt in enumerate(prompts):
-        if not 0 < len(prompt) <= block_size:
-            raise UsageError(f"prompt {number} has {len(prompt)} tokens; it needs 1 to {block_size} (the context)")
+        if not 0 < len(prompt) <= config.block_size:
+            raise UsageError(f"prompt {number} has {len(prompt)} tokens; it needs 1 to {config.block_size} (the context)")
+        if not 0 <= min(prompt) <= max(prompt) < config.vocab_size:
+            raise UsageError(f"prompt {number} has a token id outside the vocabulary (0 to {config.vocab_size - 1}); "
+                             "was it encoded with this model's tokenizer?")
     if max_new_tokens < 0 or temperature < 0:
         raise UsageError("max_new_tokens and temperature must not be negative")
     if top_k is not None and top_k < 1:
@@ -516,6 +527,9 @@ def grow_vocabulary(model, vocab_size):
 def import_gpt2(folder, out=os.path.join("out", "pretrain.pt")):
     """GPT-2's Hugging Face folder -> a pretrain-stage checkpoint (weights + tokenizer) that sft.py
     picks up like one pretrain.py wrote."""
+    if not os.path.isdir(folder):
+        raise UsageError(f"{folder}: no such folder; put GPT-2's files from Hugging Face (config.json, "
+                         "model.safetensors, vocab.json, merges.txt) in a folder and name it")
     pairs = [("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe")]  # Hugging Face's names, OpenAI's
     found = [(os.path.join(folder, a), os.path.join(folder, b)) for a, b in pairs
              if os.path.isfile(os.path.join(folder, a)) and os.path.isfile(os.path.join(folder, b))]

@@ -99,10 +99,12 @@ def test_parameter_count_and_gpt2_scaled_init():
     assert abs(model.transformer.h[0].mlp.c_fc.weight.std().item() - 0.02) < 0.001
 
 
-def test_sequence_longer_than_the_context_is_a_clear_error():
+def test_sequence_longer_than_the_context_and_bad_sizes_are_clear_errors():
     model = GPT(GPTConfig(**TINY))
     with pytest.raises(UsageError, match="block_size 32"):
         model(torch.zeros(1, 33, dtype=torch.long))
+    with pytest.raises(UsageError, match="multiple of n_head"):
+        GPTConfig(n_embd=30, n_head=4)
 
 
 # --- the loss ------------------------------------------------------------------------------------
@@ -224,6 +226,8 @@ def test_generation_never_passes_the_context_and_rejects_bad_prompts():
         model.generate([[1], [2] * 33], 5)
     with pytest.raises(UsageError, match="prompt 0"):
         model.generate([[]], 5)
+    with pytest.raises(UsageError, match="outside the vocabulary"):
+        model.generate([[1], [64]], 5)
     with pytest.raises(UsageError, match="top_p"):
         model.generate([[1]], 5, top_p=0)
 
