@@ -739,8 +739,10 @@ def build_parser(config_class, description=""):
         kind = hints[field.name]
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
         help_text = field.metadata.get("help", "")
-        options = dict(default=default, help=f"{help_text} (default: {default})",
-                       choices=field.metadata.get("choices"))
+        if "(default" not in help_text:
+            help_text = f"{help_text} (default: {default})"
+        # argparse %-formats help strings: a literal % must be doubled
+        options = dict(default=default, help=help_text.replace("%", "%%"), choices=field.metadata.get("choices"))
         if typing.get_origin(kind) is typing.Union:  # Optional[X] -> X
             kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
         if kind is bool:
