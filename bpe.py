@@ -271,7 +271,8 @@ class Tokenizer:
         documents = [text_or_documents] if isinstance(text_or_documents, str) else text_or_documents
         compiled = compile_pattern(pattern)
         # Special-token strings already in the text are boundaries, never material for merges.
-        special_splitter = (re.compile("|".join(re.escape(s) for s in special_tokens))
+        longest_first = sorted(special_tokens, key=len, reverse=True)
+        special_splitter = (re.compile("|".join(re.escape(s) for s in longest_first))
                             if special_tokens else None)
         chunk_counts = Counter()
         total_chars = 0
