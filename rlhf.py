@@ -60,7 +60,7 @@ class Config:
     prompts_per_step: int = field(default=16, metadata={"help": "RL prompts per step"})
     samples_per_prompt: int = field(default=4, metadata={"help": "K: completions sampled per prompt (the "
                                                                  "leave-one-out baseline needs K >= 2)"})
-    max_new_tokens: int = field(default=64, metadata={"help": "longest completion, in tokens (training and evaluation)"})
+    max_new_tokens: int = field(default=128, metadata={"help": "longest completion, in tokens (training and evaluation)"})
     # the objective
     learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (constant)"})
     kl_coef: float = field(default=0.05, metadata={
@@ -104,10 +104,11 @@ class Rollout:
 
 
 def prompt_ids(tokenizer, prompt, block_size, max_new_tokens):
-    """The user turn + <|assistant|>, as chat_responses renders it (the question is at the end, so a
-    prompt too long for the context keeps its last tokens)."""
+    """The user turn + <|assistant|>, as chat_responses renders it. A prompt too long for the context
+    keeps its last tokens (the question is at the end), leaving room for at least a quarter of the
+    context of answer; an answer that then fills the context is cut off there (stopped = False)."""
     ids, _ = render_chat(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True)
-    return ids[-max(block_size - max_new_tokens, 1):]
+    return ids[-(block_size - min(max_new_tokens, block_size // 4)):]
 
 
 def pad_sequences(sequences, action_masks, device):
@@ -412,7 +413,7 @@ def rollout_step(policy, reference, value_head, optimizer, tokenizer, prompts, r
         optimizer.step()
         extra = {"loss": loss.item()}
     else:
-        extra, kl = ppo_update(policy, value_head, optimizer, rollout, rewards, reference_logprobs, config)
+        extra, kl = ppo_update(policy, value_head, optimizer, rollout, rewards, reference_logprobs, config, step)
     distinct, distinct_2 = diversity(rollout.tokens, config.samples_per_prompt)
     line = {"reward": scores.mean().item(), "kl": kl.mean().item(), "kl_warning": int(check_kl(kl, step)),
             "length": sum(map(len, rollout.tokens)) / len(rollout.tokens),
@@ -423,7 +424,7 @@ def rollout_step(policy, reference, value_head, optimizer, tokenizer, prompts, r
     return line
 
 
-def ppo_update(policy, value_head, optimizer, rollout, rewards, reference_logprobs, config):
+def ppo_update(policy, value_head, optimizer, rollout, rewards, reference_logprobs, config, step):
     mask = rollout.mask
     with torch.no_grad():
         old_logprobs, old_values = logprobs_and_values(policy, value_head, rollout.idx)
@@ -433,7 +434,7 @@ def ppo_update(policy, value_head, optimizer, rollout, rewards, reference_logpro
         advantages = whiten(advantages, mask)   # one scale for every batch: a steadier step size
     rows = rollout.idx.shape[0]
     size = max(rows // max(config.ppo_minibatches, 1), 1)
-    generator = torch.Generator().manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed * 100_003 + step)   # minibatch order, per step
     losses, value_losses, clip_fractions = [], [], []
     for _ in range(config.ppo_epochs):
         order = torch.randperm(rows, generator=generator).to(rollout.idx.device)
@@ -578,8 +579,8 @@ def main(config: Config) -> dict:
     if before is None:
         print(f"evaluating the SFT model on {len(tasks)} held-out tasks ...")
         before = evaluate_heldout(reference, tokenizer, world, tasks, config.max_new_tokens, config.seed)
-        before.update({f"samples/{k}": v for k, v in sample_report(
-            reference, reference, tokenizer, reward_fn, world, report_prompts, config, config.seed).items()})
+        before.update(sample_report(reference, reference, tokenizer, reward_fn, world, report_prompts, config,
+                                    config.seed))
 
     # --- training
     progress = Progress(config.max_iters, prefix=f"rlhf {config.algo} ")
@@ -609,8 +610,7 @@ def main(config: Config) -> dict:
     metrics.update({f"sft/{key}": value for key, value in before.items()})
     if not interrupted:
         after = evaluate_heldout(policy, tokenizer, world, tasks, config.max_new_tokens, config.seed)
-        after.update({f"samples/{k}": v for k, v in sample_report(
-            policy, reference, tokenizer, reward_fn, world, report_prompts, config, config.seed).items()})
+        after.update(sample_report(policy, reference, tokenizer, reward_fn, world, report_prompts, config, config.seed))
         metrics.update({f"rlhf/{key}": value for key, value in after.items()})
         for mode in ("greedy", "temp1"):
             old, new = before[f"{mode}/score/all"], after[f"{mode}/score/all"]
@@ -650,8 +650,8 @@ def check_config(config):
 
 def summary(metrics):
     keys = ["steps", "seconds", "sft/temp1/score/all", "rlhf/temp1/score/all", "error_removed/temp1",
-            "sft/greedy/score/all", "rlhf/greedy/score/all", "rlhf/samples/kl", "sft/samples/distinct",
-            "rlhf/samples/distinct", "sft/samples/reward", "rlhf/samples/reward"]
+            "sft/greedy/score/all", "rlhf/greedy/score/all", "rlhf/kl", "sft/distinct", "rlhf/distinct",
+            "sft/reward", "rlhf/reward", "sft/oracle", "rlhf/oracle"]
     return " | ".join(f"{k} {metrics[k]:.3f}" if isinstance(metrics[k], float) else f"{k} {metrics[k]}"
                       for k in keys if k in metrics)
 

@@ -198,7 +198,7 @@ def test_dpo_raises_a_known_reward(policy_and_tokenizer):
 
 # --- the whole stage ---------------------------------------------------------------------------------
 
-def test_stage_writes_its_outputs_and_resume_equals_uninterrupted(tmp_path, make_checkpoint):
+def test_stage_writes_its_outputs_and_ctrl_c_then_resume_equals_uninterrupted(tmp_path, make_checkpoint, monkeypatch):
     for folder in ("straight", "resumed"):
         make_checkpoint(tmp_path / folder / "sft.pt", "sft")
         make_checkpoint(tmp_path / folder / "reward.pt", "reward", seed=1)
@@ -208,15 +208,26 @@ def test_stage_writes_its_outputs_and_resume_equals_uninterrupted(tmp_path, make
     with open(tmp_path / "straight" / "rlhf.json") as file:
         saved = json.load(file)
     assert saved["steps"] == 2 and saved["algo"] == "reinforce"
-    for key in ("sft/temp1/score/all", "rlhf/temp1/score/all", "rlhf/greedy/score/all", "rlhf/samples/kl",
-                "sft/samples/distinct", "rlhf/samples/distinct_2", "train/reward", "train/oracle", "seconds"):
+    for key in ("sft/temp1/score/all", "rlhf/temp1/score/all", "rlhf/greedy/score/all", "rlhf/kl",
+                "sft/distinct", "rlhf/distinct_2", "sft/reward", "rlhf/oracle", "train/reward", "train/oracle", "seconds"):
         assert key in saved, key
     assert all(not isinstance(value, (dict, list)) for value in saved.values())   # flat
     assert metrics["steps"] == 2
     straight, _, checkpoint = load_model(str(tmp_path / "straight" / "rlhf.pt"), stages="rlhf")
     assert checkpoint["parent"]["stage"] == "sft"
 
-    rlhf.main(tiny_config(tmp_path / "resumed", max_iters=1))
+    # Ctrl-C during the second step: the first is saved, and --resume does the second
+    real_step = rlhf.rollout_step
+
+    def interrupted_step(*args, **kwargs):
+        if kwargs.get("step", args[9] if len(args) > 9 else None) == 1:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(rlhf, "rollout_step", interrupted_step)
+    partial = rlhf.main(tiny_config(tmp_path / "resumed", max_iters=2))
+    assert partial["steps"] == 1 and "rlhf/temp1/score/all" not in partial
+    monkeypatch.setattr(rlhf, "rollout_step", real_step)
     rlhf.main(tiny_config(tmp_path / "resumed", max_iters=2, resume=True))
     resumed, _, _ = load_model(str(tmp_path / "resumed" / "rlhf.pt"), stages="rlhf")
     for key, tensor in straight.state_dict().items():
