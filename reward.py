@@ -24,7 +24,6 @@ import json
 import math
 import os
 import random
-import signal
 import time
 from dataclasses import dataclass, field
 
@@ -34,6 +33,7 @@ from torch.nn import functional as F
 from model import (GPT, GPTConfig, Progress, UsageError, atomic_path, autocast, chat_responses,
                    choose_device, load_checkpoint, load_model, read_jsonl, render_chat, run_cli,
                    save_checkpoint, set_seed, write_json)
+from pretrain import StopRequest   # Ctrl-C: finish the step, then save
 
 # -----------------------------------------------------------------------------------------------
 # Configuration
@@ -283,6 +283,18 @@ def comparison_batch(comparisons, tokenizer, block_size, device):
     return idx, positions, torch.tensor(groups, device=device), torch.tensor(levels, device=device)
 
 
+def step_prompts(step, count, per_step, seed):
+    """Which training prompts step `step` uses. The prompts are shuffled once per epoch (seeded by
+    the epoch) and the epochs laid end to end, so any step's batch is known without replaying the
+    steps before it: a resumed run sees exactly the batches the uninterrupted one would have."""
+    first, last = step * per_step, (step + 1) * per_step
+    orders = {}
+    for epoch in range(first // count, (last - 1) // count + 1):
+        orders[epoch] = list(range(count))
+        random.Random(f"{seed}:{epoch}").shuffle(orders[epoch])
+    return [orders[position // count][position % count] for position in range(first, last)]
+
+
 def batch_loss(model, comparisons, tokenizer, config, device):
     idx, positions, groups, levels = comparison_batch(comparisons, tokenizer, model.config.block_size, device)
     with autocast(device):
@@ -463,6 +475,8 @@ def main(config: Config) -> dict:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["resume"]["optimizer"])
         first_step, history = checkpoint["resume"]["step"], checkpoint["resume"]["history"]
+        with torch.no_grad():   # the saved model was centred; training continues from before that
+            model.scalar_head.bias += checkpoint["resume"]["offset"]
         print(f"resuming at step {first_step}")
 
     def learning_rate(step):
@@ -473,18 +487,13 @@ def main(config: Config) -> dict:
         return config.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
     # --- training: each step takes some prompts and puts all their completions through together
-    rng = random.Random(config.seed + first_step)
-    order = []
+    # Ctrl-C (StopRequest) lets the current step finish, then the loop ends and the model is saved
+    # with what --resume needs; a step is never cut in half.
     progress = Progress(config.max_iters, prefix="reward ")
-    step, interrupted = first_step, False
-    try:
-        for step in range(first_step, config.max_iters):
-            if len(order) < config.prompts_per_step:
-                shuffled = list(range(len(train_set)))
-                rng.shuffle(shuffled)
-                order += shuffled
-            batch = [train_set[i] for i in order[:config.prompts_per_step]]
-            del order[:config.prompts_per_step]
+    step = first_step
+    with StopRequest() as stop:
+        while step < config.max_iters and not stop.requested:
+            batch = [train_set[i] for i in step_prompts(step, len(train_set), config.prompts_per_step, config.seed)]
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step)
             model.train()
@@ -500,13 +509,13 @@ def main(config: Config) -> dict:
                 history["eval_step"].append(step)
                 history["eval_loss"].append(result["loss"])
                 history["eval_accuracy"].append(result["accuracy"])
-            progress.update(step + 1, tokens=tokens, loss=loss.item(), acc=accuracy.item(),
+            step += 1
+            progress.update(step, tokens=tokens, loss=loss.item(), acc=accuracy.item(),
                             heldout_acc=history["eval_accuracy"][-1] if history["eval_accuracy"] else float("nan"))
-        step = config.max_iters
-    except KeyboardInterrupt:
-        interrupted = True
-        print(f"\ninterrupted at step {step}: saving {reward_path}; continue with --resume")
     progress.close()
+    interrupted = step < config.max_iters
+    if interrupted:
+        print(f"interrupted at step {step}: saving {reward_path}; continue with --resume")
 
     offset = centre_rewards(model, tokenizer, train_set)
 
@@ -514,7 +523,7 @@ def main(config: Config) -> dict:
     metrics = {"comparisons/prompts": len(comparisons), "comparisons/tied_prompts": tied,
                "comparisons/train_prompts": len(train_set), "comparisons/heldout_prompts": len(heldout_set),
                "comparisons/heldout_pairs": heldout_pairs, "comparisons/skipped": skipped,
-               "steps": step, "reward/offset_removed": offset, "train/loss": history["train_loss"][-1] if history["train_loss"] else float("nan")}
+               "steps": step, "interrupted": int(interrupted), "reward/offset_removed": offset, "train/loss": history["train_loss"][-1] if history["train_loss"] else float("nan")}
     scores = None
     if heldout_set:
         result = evaluate(model, tokenizer, heldout_set)
@@ -531,7 +540,7 @@ def main(config: Config) -> dict:
     # --- save
     extra = {}
     if interrupted:
-        extra["resume"] = {"optimizer": optimizer.state_dict(), "step": step, "history": history}
+        extra["resume"] = {"optimizer": optimizer.state_dict(), "step": step, "history": history, "offset": offset}
     save_checkpoint(reward_path, stage="reward", model=model, tokenizer=tokenizer,
                     parent={"path": sft_path, "stage": "sft"}, args=dataclasses.asdict(config),
                     metrics=metrics, extra=extra)

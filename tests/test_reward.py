@@ -3,7 +3,11 @@ comparison files round-trip, and a reward model really learns a preference."""
 
 import json
 import math
+import os
 import random
+import signal
+import threading
+import time
 
 import pytest
 import torch
@@ -202,6 +206,42 @@ def test_reward_model_learns_a_preference(tmp_path, make_checkpoint):
     scored = main(parse_config(Config, ["--out_dir", str(tmp_path / "run"), "--score", prompt, response]))
     assert scored["reward"] == pytest.approx(reward_scores(model, tokenizer, [prompt], [response]).item(), abs=1e-5)
     assert scored["reward"] > reward_scores(model, tokenizer, [prompt], ["the dog is bad."]).item()
+
+
+def test_ctrl_c_saves_and_resume_matches_the_uninterrupted_run(tmp_path, make_checkpoint, capsys):
+    sft = make_checkpoint(tmp_path / "sft.pt", "sft")
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in synthetic_preferences(60, seed=1)))
+
+    def config(name, **overrides):
+        return Config(out_dir=str(tmp_path / name), init_from=sft, data=str(data), device="cpu", max_iters=30,
+                      prompts_per_step=8, learning_rate=3e-3, eval_interval=10, examples=0, **overrides)
+
+    straight = main(config("run"))
+    assert straight["interrupted"] == 0 and straight["steps"] == 30
+    straight_model = load_checkpoint(str(tmp_path / "run" / "reward.pt"))["model"]
+
+    def press_ctrl_c():  # as soon as the first step has been reported
+        deadline = time.time() + 60
+        while "reward step" not in capsys.readouterr().err and time.time() < deadline:
+            time.sleep(0.005)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    capsys.readouterr()   # forget the first run's output
+    handler_before = signal.getsignal(signal.SIGINT)
+    presser = threading.Thread(target=press_ctrl_c)
+    presser.start()
+    interrupted = main(config("halves"))
+    presser.join()
+    assert interrupted["interrupted"] == 1 and 0 < interrupted["steps"] < 30
+    assert signal.getsignal(signal.SIGINT) is handler_before
+    assert load_checkpoint(str(tmp_path / "halves" / "reward.pt"))["resume"]["step"] == interrupted["steps"]
+    resumed = main(config("halves", resume=True))
+    assert resumed["steps"] == 30 and resumed["interrupted"] == 0
+    resumed_model = load_checkpoint(str(tmp_path / "halves" / "reward.pt"))["model"]
+    for name, tensor in straight_model.items():
+        assert torch.allclose(tensor, resumed_model[name], atol=1e-5), name
+    assert resumed["heldout/pairwise_accuracy"] == pytest.approx(straight["heldout/pairwise_accuracy"])
 
 
 def test_missing_and_wrong_stage_checkpoints_are_clear_errors(tmp_path, make_checkpoint):
