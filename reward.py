@@ -545,7 +545,11 @@ def main(config: Config) -> dict:
                     parent={"path": sft_path, "stage": "sft"}, args=dataclasses.asdict(config),
                     metrics=metrics, extra=extra)
     write_json(os.path.join(config.out_dir, "reward.json"), metrics)
-    print(" | ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+    if "heldout/pairwise_accuracy" in metrics:
+        print(f"held out: pairwise accuracy {metrics['heldout/pairwise_accuracy']:.1%} on {heldout_pairs} pairs"
+              + (f" | Spearman(reward, oracle) {metrics['heldout/spearman']:.2f}" if "heldout/spearman" in metrics else "")
+              + f" | reward mean {metrics['reward/mean']:+.2f}, std {metrics['reward/std']:.2f}")
+    print(f"saved {reward_path} ({step} steps, {metrics['seconds']:.0f}s)")
     return metrics
 
 
