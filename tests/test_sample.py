@@ -109,7 +109,7 @@ def test_context_overflow_drops_the_oldest_turns_and_says_so(tmp_path, make_chec
     _, tokenizer, _ = load_model(path)
     turns = [f"turn {k}: " + "the cat sat on the mat " * 4 for k in range(5)]
     out = chat_session(monkeypatch, capsys, Config(ckpt=path, max_new_tokens=16, temperature=0), turns)
-    assert re.search(r"outgrew the 128-token context: dropped the oldest \d+ messages?", out)
+    assert re.search(r"outgrew the 128-token context: dropped the oldest \d+ turns?", out)
     last = tokenizer.decode(recorded_prompts[-1])
     assert len(recorded_prompts[-1]) <= 128 - 16
     assert "turn 4" in last and "turn 0" not in last
@@ -122,7 +122,7 @@ def test_chat_prompt_keeps_whole_turns():
     messages = [{"role": "user", "content": "a" * 10}, {"role": "assistant", "content": "b" * 10},
                 {"role": "user", "content": "c" * 10}]
     ids, kept, dropped = sample.chat_prompt(tokenizer, messages, block_size=40, max_new_tokens=10)
-    assert kept == messages[2:] and dropped == 2 and len(ids) <= 30
+    assert kept == messages[2:] and dropped == 1 and len(ids) <= 30
     ids, kept, dropped = sample.chat_prompt(tokenizer, messages, block_size=100, max_new_tokens=10)
     assert kept == messages and dropped == 0
 
@@ -192,7 +192,7 @@ def test_report_has_a_row_per_stage_and_family_with_the_numbers_of_a_direct_eval
         assert row[3].strip() == f"{100 * metrics[f'{stage}/greedy/accuracy/{family}']:.0f}%"
         assert row[4].strip() == f"{metrics[f'{stage}/greedy/score/{family}']:.2f}"
         assert row[6].strip() == f"{metrics[f'{stage}/temp1/score/{family}']:.2f}"
-    assert "heldout/pairwise_accuracy 0.750" in text and "rlhf/kl 1.500" in text and "| pretrain | 300.5 |" in text
+    assert "heldout/pairwise_accuracy 0.750" in text and "rlhf/kl 1.500" in text and "| pretrain | 300 |" in text
     assert metrics["techniques/stage"] == "rlhf"
     assert metrics["techniques/json/greedy/with/parse_rate"] == 1.0   # constrained JSON always parses
     assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
