@@ -412,7 +412,7 @@ def sample_continuations(model, tokenizer, count, max_new_tokens=48, seed=0):
 def fact_completed(completion, answer):
     """The completion states the answer first: 'Lima. It lies ...' completes '... capital of Peru is'."""
     text = completion.strip()
-    if not text.lower().startswith(answer.lower()):
+    if not text.startswith(answer):
         return False
     rest = text[len(answer):]
     return not rest or not rest[0].isalnum()
@@ -433,27 +433,35 @@ def generate_text(model, tokenizer, texts, max_new_tokens, batch_size=64):
 
 
 def probe_knowledge(model, tokenizer):
-    """Facts: every fact of the tiny world, as the start of a sentence the documents use. Few-shot:
-    held-out questions placed at the end of a page of solved questions."""
+    """Three probes of the base model, all greedy:
+    facts    -- every fact of the tiny world as the start of a sentence the documents use ("The capital
+                of Peru is" -> "Lima"), also counted apart for the entities SFT will never ask about;
+    sums     -- "23 + 45 =" for the evaluation sums, none of which is in the corpus: did it learn to add?
+    few-shot -- held-out questions at the end of a quiz page of solved ones: the talk's trick that makes
+                a document completer answer questions (its answer is the first line it writes)."""
     from data.tinyworld import World
     world = World()
-    probes = world.fact_probes()
-    longest = max(len(tokenizer.encode(" " + answer)) for _, answer in probes)
-    completions = generate_text(model, tokenizer, [prefix for prefix, _ in probes], longest + 2)
-    correct = [fact_completed(text, answer) for text, (_, answer) in zip(completions, probes)]
-    metrics = {"facts_accuracy": sum(correct) / len(correct), "facts_probed": len(correct)}
-    examples = [(prefix, answer, text) for (prefix, answer), text in zip(probes, completions)][:3]
+    metrics, examples = {}, []
+    heldout = set(world.fact_probes(heldout=True))
+    for name, probes in (("facts", world.fact_probes()), ("sums", world.arithmetic_probes())):
+        longest = max(len(tokenizer.encode(" " + answer)) for _, answer in probes)
+        completions = generate_text(model, tokenizer, [prefix for prefix, _ in probes], longest + 2)
+        correct = [fact_completed(text, answer) for text, (_, answer) in zip(completions, probes)]
+        metrics[f"{name}_accuracy"] = sum(correct) / len(correct)
+        if name == "facts":
+            marks = [right for right, probe in zip(correct, probes) if probe in heldout]
+            metrics["facts_heldout_accuracy"] = sum(marks) / max(len(marks), 1)
+        examples += [(prefix, answer, text) for (prefix, answer), text in zip(probes, completions)][:2]
 
     tasks = [task for task in world.tasks("eval") if task.family in ("facts", "arithmetic")]
     answer_tokens = max(len(tokenizer.encode(task.answer)) for task in tasks) + 4
 
-    def respond(questions):  # the base model's answer is the first line it writes after the page
+    def respond(questions):
         pages = [world.fewshot_prompt(question) for question in questions]
         return [text.strip().split("\n")[0].strip() for text in generate_text(model, tokenizer, pages, answer_tokens)]
 
     results, _ = world.evaluate(respond, tasks)
-    metrics.update({f"fewshot_{name}": value for name, value in results.items()
-                    if name.split("/")[-1] in ("facts", "arithmetic", "all", "facts_heldout", "facts_seen")})
+    metrics.update({f"fewshot_{name}": value for name, value in results.items() if name.startswith("accuracy/")})
     return metrics, examples
 
 
@@ -670,7 +678,7 @@ def train(config, rank, world_size, device, started):
         metrics.update(knowledge)
         metrics["probe_seconds"] = time.time() - probe_started
         for prefix, answer, completion in examples:
-            say(f"  fact probe: {prefix!r} -> {completion.strip()[:60]!r} (expected {answer!r})")
+            say(f"  probe: {prefix!r} -> {completion.strip()[:60]!r} (expected {answer!r})")
     metrics["seconds"] = time.time() - started
     save(checkpoint_path, raw_model, latest, optimizer, tokenizer, config, step, train_seconds, best, history,
          corpus.key, metrics=metrics)

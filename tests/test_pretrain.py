@@ -128,6 +128,26 @@ def test_bits_per_byte_of_a_uniform_model_by_hand():
     assert bpb == pytest.approx(len(targets) * math.log2(tokenizer.vocab_size) / text_bytes, rel=1e-6)
 
 
+def test_a_fact_counts_when_the_completion_starts_with_the_whole_answer():
+    assert pretrain.fact_completed(" Lima. It lies by the sea.", "Lima")
+    assert pretrain.fact_completed(" 68\n12 + 3 = 15", "68")
+    assert not pretrain.fact_completed(" Limassol.", "Lima")       # the word must end there
+    assert not pretrain.fact_completed(" 680", "68")
+    assert not pretrain.fact_completed(" lima.", "Lima")
+    assert not pretrain.fact_completed(" the city of Lima.", "Lima")
+
+
+def test_probes_of_a_random_model_report_every_figure(world, tiny_tokenizer):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tiny_tokenizer.vocab_size, block_size=256, n_layer=1, n_head=2, n_embd=16))
+    metrics, examples = pretrain.probe_knowledge(model.eval(), tiny_tokenizer)
+    expected = {"facts_accuracy", "facts_heldout_accuracy", "sums_accuracy", "fewshot_accuracy/facts",
+                "fewshot_accuracy/arithmetic", "fewshot_accuracy/all"}
+    assert expected <= set(metrics) and all(0.0 <= metrics[name] <= 1.0 for name in expected)
+    assert metrics["facts_accuracy"] < 0.1         # random weights know nothing
+    assert examples[0][0] == world.fact_probes()[0][0]
+
+
 # --- training --------------------------------------------------------------------------------------
 
 def test_loss_goes_down_and_outputs_are_written(corpus_file, tmp_path):
