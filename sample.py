@@ -569,7 +569,8 @@ class ExpressionParser:
     def expression(self):
         value = self.term()
         while self.peek() in ("+", "-"):
-            value = checked(value + self.term() if self.take() == "+" else value - self.term())
+            operator, right = self.take(), self.term()
+            value = checked(value + right if operator == "+" else value - right)
         return value
 
     def term(self):
@@ -1206,95 +1207,108 @@ def family(tasks, name):
     return [task for task in tasks if task.family == name]
 
 
-def parses_as_json(text):
-    try:
-        json.loads(text)
-        return True
-    except ValueError:
-        return False
-
-
 def measure_techniques(model, tokenizer, world, tasks, plain, config):
     """Each technique on its own family of held-out prompts, with and without, greedy. `plain` holds the
-    stage's plain greedy results (the "without" of CoT, the calculator and retrieval)."""
-    from data.tinyworld import COT_PREFIX, context_prompt
+    stage's plain greedy results: the "without" of CoT, the calculator and retrieval."""
     metrics = {}
-    greedy = Sampling(max_new_tokens=config.max_new_tokens, temperature=0.0, seed=config.seed, tool=False)
-
-    def accuracy(subset, respond):
-        graded, responses = world.evaluate(respond, subset)
-        return graded[f"accuracy/{subset[0].family}"], responses
-
-    # Chain of thought: the same bare additions, with COT_PREFIX in front. A worked answer is long.
-    clock = time.time()
-    if family(tasks, "cot"):
-        long = Sampling(**{**greedy.__dict__, "max_new_tokens": model.config.block_size})  # as long as fits
-        metrics["cot/without"] = plain["greedy/accuracy/cot"]
-        metrics["cot/with"], _ = accuracy(family(tasks, "cot"), lambda questions: chat_answers(
-            model, tokenizer, [COT_PREFIX + question for question in questions], long))
-        metrics["cot/seconds"], clock = round(time.time() - clock, 1), time.time()
-
-    # The calculator: the same products, with the tool run vs the model writing its own "result".
-    if family(tasks, "calculator"):
-        stats = {}
-        metrics["calculator/without"] = plain["greedy/accuracy/calculator"]
-        metrics["calculator/with"], _ = accuracy(family(tasks, "calculator"), lambda questions: chat_answers(
-            model, tokenizer, questions, Sampling(**{**greedy.__dict__, "tool": True}), stats=stats))
-        metrics["calculator/tool_calls_per_answer"] = stats.get("tool_calls", 0) / len(family(tasks, "calculator"))
-        metrics["calculator/seconds"], clock = round(time.time() - clock, 1), time.time()
-
-    # Retrieval: questions about countries that exist only in the retrieval documents.
-    subset = family(tasks, "retrieval")
-    if subset:
-        metrics["retrieval/without"] = plain["greedy/accuracy/retrieval"]
-        documents = world.retrieval_documents()
-        for embedding, embedder in (("tfidf", TfidfEmbedder()), ("model", ModelEmbedder(model, tokenizer))):
+    for name, measure in (("cot", measure_cot), ("calculator", measure_calculator),
+                          ("retrieval", measure_retrieval), ("json", measure_json)):
+        subset = family(tasks, name)
+        if subset:
             started = time.time()
-            retriever = Retriever.build(documents, embedder)
-            found = [retriever.search(task.prompt, config.retrieve_k) for task in subset]
-            metrics[f"retrieval/{embedding}/recall@{config.retrieve_k}"] = sum(
-                any(task.entity.lower() in chunk.lower() and task.key.lower() in chunk.lower() for _, chunk in hits)
-                for task, hits in zip(subset, found)) / len(subset)
-            contexts = {task.prompt: context_prompt([chunk for _, chunk in hits], task.prompt)
-                        for task, hits in zip(subset, found)}
-            metrics[f"retrieval/{embedding}/with"], _ = accuracy(subset, lambda questions: chat_answers(
-                model, tokenizer, [contexts[question] for question in questions], greedy))
-            metrics[f"retrieval/{embedding}/seconds"] = round(time.time() - started, 2)
-
-    # Constrained JSON: the share of answers that parse, with and without the mask, greedy and sampled,
-    # and what the mask costs per token. The mask also requires the fields of the ideal record.
-    subset = family(tasks, "json")
-    clock = time.time()
-    if subset:
-        questions = [task.prompt for task in subset]
-        required = {task.prompt: list(json.loads(task.answer)) for task in subset}
-        groups = {}
-        for index, question in enumerate(questions):
-            groups.setdefault(tuple(required[question]), []).append(index)
-        for name, temperature in (("greedy", 0.0), ("temp1", 1.0)):
-            sampling = Sampling(**{**greedy.__dict__, "temperature": temperature,
-                                   "max_new_tokens": model.config.block_size})   # a record is long
-            for constrained in (False, True):
-                label = f"json/{name}/{'with' if constrained else 'without'}"
-                stats, started, answers = {}, time.perf_counter(), [None] * len(questions)
-                for fields, indices in groups.items():   # countries and animals have different fields
-                    asked = Sampling(**{**sampling.__dict__, "json_fields": list(fields) if constrained else None})
-                    for index, answer in zip(indices, chat_answers(model, tokenizer, [questions[i] for i in indices],
-                                                                   asked, stats=stats)):
-                        answers[index] = answer
-                seconds = time.perf_counter() - started
-                tokens = stats["tokens"]
-                metrics[f"{label}/parse_rate"] = sum(map(parses_as_json, answers)) / len(answers)
-                metrics[f"{label}/fields_match"] = sum(
-                    parses_as_json(answer) and isinstance(json.loads(answer), dict)
-                    and set(json.loads(answer)) == set(required[question])
-                    for question, answer in zip(questions, answers)) / len(answers)
-                metrics[f"{label}/accuracy"] = sum(world.is_correct(q, a) for q, a in zip(questions, answers)) / len(answers)
-                metrics[f"{label}/ms_per_token"] = 1000 * seconds / max(tokens, 1)
-                if constrained:
-                    metrics[f"{label}/mask_ms_per_token"] = 1000 * stats.get("mask_seconds", 0.0) / max(tokens, 1)
-        metrics["json/seconds"] = round(time.time() - clock, 1)
+            metrics.update({f"{name}/{key}": value
+                            for key, value in measure(model, tokenizer, world, subset, plain, config).items()})
+            metrics[f"{name}/seconds"] = round(time.time() - started, 1)
     return metrics
+
+
+def greedy_sampling(config, **changes):
+    return Sampling(**{**Sampling(max_new_tokens=config.max_new_tokens, temperature=0.0, seed=config.seed,
+                                  tool=False).__dict__, **changes})
+
+
+def accuracy(world, tasks, respond):
+    graded, _ = world.evaluate(respond, tasks)
+    return graded[f"accuracy/{tasks[0].family}"]
+
+
+def measure_cot(model, tokenizer, world, tasks, plain, config):
+    """The same bare additions, with COT_PREFIX in front. A worked answer is long: as long as fits."""
+    from data.tinyworld import COT_PREFIX
+    sampling = greedy_sampling(config, max_new_tokens=model.config.block_size)
+    return {"without": plain["greedy/accuracy/cot"],
+            "with": accuracy(world, tasks, lambda questions: chat_answers(
+                model, tokenizer, [COT_PREFIX + question for question in questions], sampling))}
+
+
+def measure_calculator(model, tokenizer, world, tasks, plain, config):
+    """The same products, with the tool run vs the model writing its own "result" (the plain answers)."""
+    stats = {}
+    with_tool = accuracy(world, tasks, lambda questions: chat_answers(
+        model, tokenizer, questions, greedy_sampling(config, tool=True), stats=stats))
+    return {"without": plain["greedy/accuracy/calculator"], "with": with_tool,
+            "tool_calls_per_answer": stats.get("tool_calls", 0) / len(tasks)}
+
+
+def measure_retrieval(model, tokenizer, world, tasks, plain, config):
+    """Questions about countries that exist only in the retrieval documents, answered with the k passages
+    each embedding finds; recall@k = the share of questions whose passages include one that states the
+    answer (names the country and the fact)."""
+    from data.tinyworld import context_prompt
+    metrics = {"without": plain["greedy/accuracy/retrieval"]}
+    k = config.retrieve_k
+    for embedding, embedder in (("tfidf", TfidfEmbedder()), ("model", ModelEmbedder(model, tokenizer))):
+        retriever = Retriever.build(world.retrieval_documents(), embedder)
+        found = {task.prompt: [chunk for _, chunk in retriever.search(task.prompt, k)] for task in tasks}
+        metrics[f"{embedding}/recall@{k}"] = sum(
+            any(task.entity.lower() in chunk.lower() and task.key.lower() in chunk.lower() for chunk in found[task.prompt])
+            for task in tasks) / len(tasks)
+        metrics[f"{embedding}/with"] = accuracy(world, tasks, lambda questions: chat_answers(
+            model, tokenizer, [context_prompt(found[question], question) for question in questions],
+            greedy_sampling(config)))
+    return metrics
+
+
+def measure_json(model, tokenizer, world, tasks, plain, config):
+    """The share of answers that parse, and whose fields are exactly the ideal record's, with and without
+    the mask (which requires the record's fields), greedy and at temperature 1; and the time per token."""
+    metrics = {}
+    questions = [task.prompt for task in tasks]
+    required = [list(json.loads(task.answer)) for task in tasks]
+    groups = {}   # countries and animals have different fields: one batch each
+    for index, fields in enumerate(required):
+        groups.setdefault(tuple(fields), []).append(index)
+    for name, temperature in (("greedy", 0.0), ("temp1", 1.0)):
+        for constrained in (False, True):
+            label = f"{name}/{'with' if constrained else 'without'}"
+            stats, started, answers = {}, time.perf_counter(), [None] * len(questions)
+            try:
+                for fields, indices in groups.items():
+                    sampling = greedy_sampling(config, temperature=temperature, max_new_tokens=model.config.block_size,
+                                               json_fields=list(fields) if constrained else None)
+                    for index, answer in zip(indices, chat_answers(model, tokenizer, [questions[i] for i in indices],
+                                                                   sampling, stats=stats)):
+                        answers[index] = answer
+            except UsageError as error:   # a context too small for a whole record
+                print(f"constrained JSON not measured: {error}", file=sys.stderr)
+                continue
+            seconds = time.perf_counter() - started
+            values = [parsed_json(answer) for answer in answers]
+            metrics[f"{label}/parse_rate"] = sum(value is not None for value in values) / len(values)
+            metrics[f"{label}/fields_match"] = sum(isinstance(value, dict) and set(value) == set(fields)
+                                                   for value, fields in zip(values, required)) / len(values)
+            metrics[f"{label}/accuracy"] = sum(map(world.is_correct, questions, answers)) / len(answers)
+            metrics[f"{label}/ms_per_token"] = 1000 * seconds / max(stats["tokens"], 1)
+            if constrained:
+                metrics[f"{label}/mask_ms_per_token"] = 1000 * stats.get("mask_seconds", 0.0) / max(stats["tokens"], 1)
+    return metrics
+
+
+def parsed_json(text):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
 
 
 def stage_summaries(out_dir):
