@@ -159,7 +159,7 @@ def bench_model(args):
         return tokens / min(seconds)
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, vocabulary 1024, random weights; "
-          f"best of {repeats} repeats")
+          f"best of {repeats} repeats; load average {os.getloadavg()[0]:.1f} (other jobs slow every figure)")
     print("\ntraining: forward + backward + AdamW step, tokens/s")
     rows = []
     for name, context, batch in [("tiny", 64, 12), ("small", 256, 8)]:
@@ -204,6 +204,7 @@ def bench_model(args):
         rows.append([name, "", "", "", f"cached/uncached {rates[1, 256, True] / rates[1, 256, False]:.1f}x", "target >= 5x"])
         rows.append([name, "", "", "", f"batch 16/batch 1 {rates[16, 256, True] / rates[1, 256, True]:.1f}x", "target >= 6x"])
     print_table(["model", "batch", "new tokens", "cache", "tokens/s", "target"], rows)
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
 
 
 def bench_pretrain(args):
