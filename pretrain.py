@@ -77,8 +77,9 @@ class Config:
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (matrices only)"})
     grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0 = off)"})
     max_iters: int = field(default=5000, metadata={"help": "stop after this many optimizer steps"})
-    max_time: float = field(default=4.0, metadata={"help": "stop after this many minutes of training (0 = no limit); "
-                                                           "whichever of max_iters and max_time comes first ends it"})
+    max_time: float = field(default=4.0, metadata={"help": "stop after this many minutes of training steps (0 = no "
+                                                           "limit; evaluations stop the clock); whichever of "
+                                                           "max_iters and max_time comes first ends the run"})
     # evaluation
     eval_interval: int = field(default=250, metadata={"help": "evaluate (and save) every this many steps"})
     eval_tokens: int = field(default=16384, metadata={"help": "validation tokens per evaluation (a fixed sample)"})
@@ -602,10 +603,20 @@ def train(config, rank, world_size, device, started):
     progress = Progress(config.max_iters, max_seconds=budget - elapsed_before if config.max_time > 0 else None,
                         prefix="pretrain ") if master else None
 
+    paused = 0.0  # seconds spent evaluating and saving: the training clock (max_time) stops meanwhile
+
     def elapsed():
-        return elapsed_before + time.time() - run_start
+        return elapsed_before + time.time() - run_start - paused
 
     def evaluate_and_save():
+        nonlocal paused
+        started_eval, seconds = time.time(), elapsed()
+        try:
+            evaluate_and_save_now(seconds)
+        finally:
+            paused += time.time() - started_eval
+
+    def evaluate_and_save_now(seconds):
         nonlocal best, last_eval_step
         last_eval_step = step
         val_loss, val_bpb = evaluate(raw_model, corpus.val, val_starts, config.block_size, byte_counts, device,
@@ -623,7 +634,7 @@ def train(config, rank, world_size, device, started):
         for text in sample_continuations(raw_model, tokenizer, config.samples, seed=step):
             say("  sample: " + text.replace("\n", " / ")[:160])
         published = raw_model if best["step"] == step else model_from(best["model"], model_config)
-        save(checkpoint_path, published, raw_model.state_dict(), optimizer, tokenizer, config, step, elapsed(),
+        save(checkpoint_path, published, raw_model.state_dict(), optimizer, tokenizer, config, step, seconds,
              best, history, corpus.key)
 
     # --- the loop: stop at max_iters, at max_time, or on Ctrl-C
