@@ -645,7 +645,7 @@ def save_checkpoint(path, *, stage, model, tokenizer, parent=None, args=None, me
     checkpoint = {
         "stage": stage,
         "model_config": dataclasses.asdict(model.config),
-        "model": {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()},
+        "model": _cpu_state_dict(model),
         "tokenizer": tokenizer.to_dict(),
         "parent": parent,
         "args": _plain(args),
@@ -654,6 +654,14 @@ def save_checkpoint(path, *, stage, model, tokenizer, parent=None, args=None, me
     checkpoint.update(extra or {})
     with atomic_path(path) as temporary:
         torch.save(checkpoint, temporary)
+
+
+def _cpu_state_dict(model):
+    """The weights on the CPU. Tensors shared in the model (the tied embedding and output head) stay
+    shared, so the file holds them once."""
+    copies = {}
+    return {name: copies.setdefault(tensor.data_ptr(), tensor.detach().cpu())
+            for name, tensor in model.state_dict().items()}
 
 
 def _plain(value):
