@@ -1243,12 +1243,17 @@ def measure_cot(model, tokenizer, world, tasks, plain, config):
 
 
 def measure_calculator(model, tokenizer, world, tasks, plain, config):
-    """The same products, with the tool run vs the model writing its own "result" (the plain answers)."""
+    """The same products, with the tool run vs the model writing its own "result" (the plain answers).
+    Also: how often the model's call computes the right product (so a miss can be told apart: a wrong
+    call, or a right result the answer then fails to copy)."""
     stats = {}
-    with_tool = accuracy(world, tasks, lambda questions: chat_answers(
-        model, tokenizer, questions, greedy_sampling(config, tool=True), stats=stats))
-    return {"without": plain["greedy/accuracy/calculator"], "with": with_tool,
-            "tool_calls_per_answer": stats.get("tool_calls", 0) / len(tasks)}
+    graded, answers = world.evaluate(lambda questions: chat_answers(
+        model, tokenizer, questions, greedy_sampling(config, tool=True), stats=stats), tasks)
+    calls = [re.search(r"<\|calc\|>(.*?)<\|result\|>", answer, re.DOTALL) for answer in answers]
+    right_calls = sum(call is not None and calculator_result(call.group(1)) == task.key
+                      for call, task in zip(calls, tasks))
+    return {"without": plain["greedy/accuracy/calculator"], "with": graded["accuracy/calculator"],
+            "tool_calls_per_answer": stats.get("tool_calls", 0) / len(tasks), "right_calls": right_calls / len(tasks)}
 
 
 def measure_retrieval(model, tokenizer, world, tasks, plain, config):
@@ -1403,7 +1408,8 @@ def report_markdown(config, stages, families, tasks, metrics, summaries):
         if "calculator/with" in technique:
             lines.append(f"| calculator tool, 3-digit products | {len(family(tasks, 'calculator'))} | "
                          f"{percent(technique['calculator/without'])} | {percent(technique['calculator/with'])} | "
-                         f"{technique['calculator/tool_calls_per_answer']:.2f} tool calls per answer |")
+                         f"{technique['calculator/tool_calls_per_answer']:.2f} tool calls per answer; "
+                         f"{percent(technique['calculator/right_calls'])} of answers call it with the right product |")
         for embedding in ("tfidf", "model"):
             if f"retrieval/{embedding}/with" in technique:
                 lines.append(f"| retrieval (`--embedding {embedding}`), retrieval-only countries | "
