@@ -312,3 +312,17 @@ def test_json_from_the_command_line_always_parses(tmp_path, make_checkpoint):
     assert all({"name", "legs"} <= set(json.loads(answer)) for answer in answers)
     with pytest.raises(sample.UsageError, match="needs at least"):
         sample.main(sample.Config(ckpt=path, prompt="Describe a cat.", json=True, schema="name,legs", max_new_tokens=5))
+
+
+def test_documents_from_a_file_or_a_folder(tmp_path):
+    (tmp_path / "notes.txt").write_text("First document,\nstill the first.\n\n\nSecond document.\n")
+    assert sample.read_documents(str(tmp_path / "notes.txt")) == ["First document,\nstill the first.", "Second document."]
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "b.txt").write_text("bee")
+    (folder / "a.txt").write_text("ay")
+    (folder / "skip.md").write_text("not a .txt")
+    assert sample.read_documents(str(folder)) == ["ay", "bee"]
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(sample.UsageError, match="empty"):
+        sample.read_documents(str(tmp_path / "empty.txt"))
