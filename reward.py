@@ -271,16 +271,16 @@ def pairwise_loss(rewards, groups, levels):
     return loss, (right * better).sum() / better.sum().clamp(min=1), int(better.sum())
 
 
-def comparison_batch(comparisons, tokenizer, block_size, device):
-    """Flatten some prompts' completions into one padded batch (+ group and level of each row)."""
+def comparison_rows(comparisons, tokenizer, block_size):
+    """Flatten some prompts' completions into rows: token ids, and the group (which prompt) and
+    level (grade within that prompt) of each row."""
     sequences, groups, levels = [], [], []
     for group, comparison in enumerate(comparisons):
         for completion, level in zip(comparison.completions, comparison.levels()):
             sequences.append(reward_input_ids(tokenizer, comparison.prompt, completion, block_size))
             groups.append(group)
             levels.append(level)
-    idx, positions = pad_batch(sequences, device)
-    return idx, positions, torch.tensor(groups, device=device), torch.tensor(levels, device=device)
+    return sequences, groups, levels
 
 
 def step_prompts(step, count, per_step, seed):
@@ -295,15 +295,27 @@ def step_prompts(step, count, per_step, seed):
     return [orders[position // count][position % count] for position in range(first, last)]
 
 
-def batch_loss(model, comparisons, tokenizer, config, device):
-    idx, positions, groups, levels = comparison_batch(comparisons, tokenizer, model.config.block_size, device)
-    with autocast(device):
-        rewards = model.scalar(idx, positions).float()
+def batch_loss(model, comparisons, tokenizer, config, device, rows_per_pass=16):
+    """The loss of one step. All K completions of every prompt in the step are scored with the same
+    weights and enter one loss (InstructGPT's all-pairs batching). They go through the model in
+    passes of rows of similar length: a retrieval prompt of 200 tokens then pads only its own pass,
+    not the whole step (this halves the work here). The loss does not care about row order, so the
+    rows stay sorted."""
+    sequences, groups, levels = comparison_rows(comparisons, tokenizer, model.config.block_size)
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    pieces = []
+    for start in range(0, len(order), rows_per_pass):
+        idx, positions = pad_batch([sequences[i] for i in order[start:start + rows_per_pass]], device)
+        with autocast(device):
+            pieces.append(model.scalar(idx, positions).float())
+    rewards = torch.cat(pieces)
+    groups = torch.tensor([groups[i] for i in order], device=device)
+    levels = torch.tensor([levels[i] for i in order], device=device)
     loss, accuracy, pairs = pairwise_loss(rewards, groups, levels)
     # the pairwise loss only sees differences, so all rewards could drift together; a small pull on
     # their mean keeps them centred on 0, which is what RL wants to see
     centred_loss = loss + config.center_penalty * rewards.mean() ** 2
-    return centred_loss, loss, accuracy, idx.numel()
+    return centred_loss, loss, accuracy, sum(len(ids) for ids in sequences)
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ import torch
 
 from bpe import UsageError
 from model import load_checkpoint, load_model, parse_config
-from reward import (Comparison, Config, main, pad_batch, pairwise_loss, rank_by_scores, read_preferences,
+from reward import (Comparison, Config, batch_loss, main, pad_batch, pairwise_loss, rank_by_scores, read_preferences,
                     reward_input_ids, reward_scores, sample_comparisons, spearman, write_comparisons)
 
 
@@ -263,3 +263,16 @@ def test_all_tied_comparisons_are_a_clear_error(tmp_path, make_checkpoint):
     data.write_text(json.dumps({"prompt": "p", "completions": ["a", "b"], "ranking": [0, 1], "scores": [1, 1]}) + "\n")
     with pytest.raises(UsageError, match="all tied"):
         main(Config(out_dir=str(tmp_path), init_from=sft, data=str(data), device="cpu"))
+
+
+def test_batch_loss_equals_scoring_each_completion_alone(reward_model):
+    model, tokenizer = reward_model
+    comparisons = [rank_by_scores("What is 2 + 3?", ["2 + 3 = 5.", "5", "2 + 3 = 6, I am quite sure of it."], [1.0, 0.5, 0.0]),
+                   rank_by_scores("word " * 30, ["a", "b", "c", "d"], [0.0, 1.0, 1.0, 0.2])]
+    _, loss, accuracy, _ = batch_loss(model, comparisons, tokenizer, Config(), "cpu", rows_per_pass=2)
+    prompts = [c.prompt for c in comparisons for _ in c.completions]
+    rewards = reward_scores(model, tokenizer, prompts, [t for c in comparisons for t in c.completions], batch_size=1)
+    groups = torch.tensor([0, 0, 0, 1, 1, 1, 1])
+    levels = torch.tensor([level for c in comparisons for level in c.levels()])
+    expected, expected_accuracy, _ = pairwise_loss(rewards, groups, levels)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5) and accuracy.item() == pytest.approx(expected_accuracy.item())
