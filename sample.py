@@ -331,7 +331,8 @@ def fewshot_answers(model, tokenizer, world, questions, sampling, batch_size=64)
     plain = Sampling(**{**sampling.__dict__, "tool": False, "json_fields": None})
     answers = []
     for start in range(0, len(questions), batch_size):
-        pages = [tokenizer.encode(world.fewshot_prompt(question))[-keep:] for question in questions[start:start + batch_size]]
+        pages = [tokenizer.encode(world.fewshot_prompt(question))[-keep:]
+                 for question in questions[start:start + batch_size]]
         plain.seed = None if sampling.seed is None else sampling.seed + start
         answers += [tokenizer.decode(tokens).split("\n")[0].strip()
                     for tokens in generate_answers(model, tokenizer, pages, plain, stops)]
@@ -484,7 +485,8 @@ def best_of_n(config, model, tokenizer, checkpoint, path, device, retriever):
     question = prepare_question(config.prompt, config, retriever)
     ids, _, _ = chat_prompt(tokenizer, [{"role": "user", "content": question}], model.config.block_size,
                             sampling.max_new_tokens)
-    answers = generate_answers(model, tokenizer, [ids] * config.best_of, sampling, [tokenizer.special_tokens["<|end|>"]])
+    end = tokenizer.special_tokens["<|end|>"]
+    answers = generate_answers(model, tokenizer, [ids] * config.best_of, sampling, [end])
     answers = [tokenizer.decode(answer) for answer in answers]
     rewards = reward_scores(reward_model, tokenizer, [question] * len(answers), answers).tolist()
     best = max(range(len(answers)), key=lambda k: rewards[k])
@@ -736,7 +738,9 @@ class JsonPrefix:
         # Numbers: -?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?  — a number ends at the first byte that
         # cannot continue it, which is then read as what follows the value.
         if mode == "minus":
-            return ("zero", stack, None, keys) if byte == ord("0") else ("int", stack, None, keys) if byte in DIGITS else None
+            if byte == ord("0"):
+                return ("zero", stack, None, keys)
+            return ("int", stack, None, keys) if byte in DIGITS else None
         if mode in ("int", "frac", "exp") and byte in DIGITS:
             return state
         if mode in ("zero", "int") and byte == ord("."):
@@ -746,7 +750,9 @@ class JsonPrefix:
         if mode == "dot":
             return ("frac", stack, None, keys) if byte in DIGITS else None
         if mode == "e":
-            return ("e_sign", stack, None, keys) if byte in b"+-" else ("exp", stack, None, keys) if byte in DIGITS else None
+            if byte in b"+-":
+                return ("e_sign", stack, None, keys)
+            return ("exp", stack, None, keys) if byte in DIGITS else None
         if mode == "e_sign":
             return ("exp", stack, None, keys) if byte in DIGITS else None
         if mode in NUMBER_END_STATES:
@@ -835,7 +841,9 @@ class JsonPrefix:
         if mode in ("key_or_close", "key"):
             if len(stack) == 1 and self.missing(keys):
                 return self.keys_cost(keys) - 1 + 1            # '"m1":0' + ',"m2":0'... + '}'
-            return (1 if mode == "key_or_close" else 4) + self.after_cost(stack[:-1] if mode == "key_or_close" else stack, keys)
+            if mode == "key_or_close":
+                return 1 + self.after_cost(stack[:-1], keys)   # '}'
+            return 4 + self.after_cost(stack, keys)            # '"":0'
         if mode == "key_string":
             return self.key_string_cost(stack, aux, keys)
         if mode == "key_string_escape":
@@ -950,7 +958,9 @@ class JsonMask:
         """Tokens allowed from `state` with `left` tokens to go (this one included), likeliest first."""
         checker = self.checker
         if left <= 1:  # the last token there is room for: it must end the answer
-            return [self.end_token] if checker.is_complete(state) else [self.byte_token[checker.next_closing_byte(state)]]
+            if checker.is_complete(state):
+                return [self.end_token]
+            return [self.byte_token[checker.next_closing_byte(state)]]
         probabilities = torch.softmax(logits.float(), dim=-1)
         order = torch.argsort(probabilities, descending=True).tolist()
         probabilities = probabilities.tolist()
