@@ -28,6 +28,7 @@ import os
 import random
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -70,7 +71,9 @@ class Config:
     batch_size: int = field(default=16, metadata={"help": "rows per optimizer step, over all processes and "
                                                           "accumulation steps"})
     grad_accum: int = field(default=1, metadata={"help": "split each batch into this many forward/backward passes"})
-    learning_rate: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+    learning_rate: float = field(default=4e-3, metadata={"help": "peak learning rate (a 1M-parameter model takes a "
+                                                               "high one: 4e-3 learned the facts in 1200 steps, "
+                                                               "1e-3 had not in 1500)"})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "the cosine decays to this fraction of the peak"})
     warmup_iters: int = field(default=100, metadata={"help": "steps of linear warmup"})
     lr_decay_iters: int = field(default=0, metadata={"help": "steps the cosine spans (0 = max_iters)"})
@@ -547,11 +550,11 @@ def main(config: Config) -> dict:
 
 
 def check_out_dir(out_dir):
+    """Fail now, not after minutes of training, if the results could not be saved."""
     try:
         os.makedirs(out_dir, exist_ok=True)
-        with atomic_path(os.path.join(out_dir, ".write-test")) as temporary:
-            open(temporary, "w").close()
-        os.remove(os.path.join(out_dir, ".write-test"))
+        with tempfile.TemporaryFile(dir=out_dir):  # a private file: processes of one run do not collide
+            pass
     except OSError as error:
         raise UsageError(f"--out_dir {out_dir}: cannot write there ({error.strerror}); choose another") from None
 
