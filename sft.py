@@ -51,10 +51,10 @@ class Config:
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N or mps"})
     seed: int = field(default=1337, metadata={"help": "random seed (data order, LoRA init, sampling)"})
     max_iters: int = field(default=400, metadata={"help": "optimizer steps"})
-    max_time: float = field(default=0.0, metadata={"help": "stop after this many seconds of training (0 = no limit); "
+    max_time: float = field(default=0.0, metadata={"help": "stop after this many minutes of training (0 = no limit); "
                                                            "the learning-rate schedule follows whichever budget ends first"})
     batch_size: int = field(default=32, metadata={"help": "conversations per step"})
-    learning_rate: float = field(default=3e-4, metadata={"help": "peak learning rate for full finetuning"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "peak learning rate for full finetuning"})
     lora_learning_rate: float = field(default=2e-3, metadata={"help": "peak learning rate when --lora_rank > 0 "
                                                                      "(adapters start at zero and need larger steps)"})
     warmup_iters: int = field(default=20, metadata={"help": "linear warmup steps, then cosine decay to 10%"})
@@ -69,6 +69,9 @@ class Config:
     pretrain_mix_tokens: int = field(default=300_000, metadata={"help": "tokens of pretraining documents to "
                                                                         "tokenize for the mix (a random sample)"})
     lora_rank: int = field(default=0, metadata={"help": "> 0: freeze the GPT and train rank-R adapters instead"})
+    lora_layers: list[str] = field(default_factory=lambda: ["attn.c_attn", "attn.c_proj", "mlp.c_fc"],
+                                   metadata={"help": "the block linears that get adapters (ends of their names in "
+                                                     "model.py; mlp.c_proj too is possible)"})
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scale: the adapters' update is multiplied by alpha/rank"})
     base_precision: str = field(default="fp32", metadata={"help": "precision of the frozen base under LoRA",
                                                            "choices": ["fp32", "int8"]})
@@ -194,6 +197,8 @@ class BatchSchedule:
     while the batch order is still random. A pure function of (seed, step): a resumed run sees exactly
     the batches an uninterrupted one would."""
 
+    group_batches = 4
+
     def __init__(self, examples, batch_size, seed):
         self.examples, self.seed = examples, seed
         self.batch_size = min(batch_size, len(examples))
@@ -210,7 +215,7 @@ class BatchSchedule:
         rng = random.Random(self.seed * 1_000_003 + epoch)
         order = list(range(len(self.examples)))
         rng.shuffle(order)
-        group, batches = 32 * self.batch_size, []
+        group, batches = self.group_batches * self.batch_size, []
         for start in range(0, len(order), group):
             chunk = sorted(order[start:start + group], key=lambda i: len(self.examples[i][0]))
             batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk) - self.batch_size + 1, self.batch_size)]
@@ -219,23 +224,25 @@ class BatchSchedule:
 
 
 # --- The pretraining mix ----------------------------------------------------------------------
-# A model this small, finetuned on a few thousand chats alone, forgets: after ~30 s it answers a
-# question about an entity it only saw in pretraining with an entity from the SFT set ("capital of
-# Italy" -> "The capital of Peru is Lima"). InstructGPT met the same problem in its RL stage and mixed
-# pretraining gradients into PPO ("PPO-ptx"): the objective gains a term gamma * log p(pretraining text).
-# We do the same here: every step also trains on a few rows of the pretraining corpus, and the loss is
+# A model this small, finetuned on the SFT chats alone, forgets what pretraining taught it: it answers
+# questions about entities it only saw in pretraining with entities from the SFT set. Measured with the
+# defaults otherwise: held-out entities 10% right with plain SFT, 80% with the mix (seen ones 87% both
+# ways). InstructGPT met the same problem in its RL stage and mixed pretraining gradients into PPO
+# ("PPO-ptx"): the objective gains a term gamma * log p(pretraining text). We do the same in SFT: every
+# step also trains on a few rows of the pretraining corpus, and the loss is
 # sft_loss + pretrain_mix_coef * pretrain_loss. The knowledge stays, the assistant format is learned.
 
 def pretraining_tokens(tokenizer, documents, max_tokens, rng):
-    """Tokenize a random sample of the pretraining documents (up to about max_tokens), each followed by
-    <|endoftext|> as in pretraining, into one long stream of ids."""
+    """Tokenize a random sample of the pretraining documents (up to about max_tokens) into one stream
+    of ids, <|endoftext|> before each document as in pretraining. A sample is enough: the rows only
+    have to remind the model of its corpus, and tokenizing all of it would cost more than the SFT."""
     endoftext = tokenizer.special_tokens["<|endoftext|>"]
     order = list(range(len(documents)))
     rng.shuffle(order)
     stream = []
     for index in order:
-        stream += tokenizer.encode(documents[index])
         stream.append(endoftext)
+        stream += tokenizer.encode(documents[index])
         if len(stream) >= max_tokens:
             break
     return torch.tensor(stream, dtype=torch.long)
@@ -284,7 +291,7 @@ def show_example(tokenizer, messages, block_size):
     if inside:
         pieces.append(stop)
     marked = "highlighted" if color else "inside [ ]"
-    print(f"One conversation as the model sees it; the loss counts only the tokens {marked}:\n")
+    print(f"\nOne conversation as the model sees it; the loss counts only the tokens {marked}:\n")
     print("".join(pieces))
     print(f"\n{'position':>8}  {'id':>5}  {'token':<24} trained")
     for position, (token, trained) in enumerate(zip(ids, train_mask)):
@@ -361,7 +368,9 @@ class LoRALinear(nn.Module):
         return linear
 
 
-# The linear layers of each block that get adapters, by the end of their names in model.py.
+# The linear layers of each block that can get adapters, by the end of their names in model.py. The
+# default (Config.lora_layers) leaves out the MLP's output projection: at rank 8, adapters on all four
+# would be 6.4% of this 1M-parameter model's weights, on three 4.6% (on a GPT of real size, well under 1%).
 LORA_LAYERS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
 
@@ -398,12 +407,30 @@ def merge_lora(model):
     return model
 
 
-def frozen_weight_bytes(model):
-    """Bytes held by the frozen part of the model: non-trainable parameters and the int8 buffers."""
-    frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
-    frozen += sum(b.numel() * b.element_size() for name, b in model.named_buffers()
-                  if name.endswith(("weight_int8", "weight_scale")))
-    return frozen
+def train_token_rows(model, token_ids):
+    """Let LoRA also learn the embeddings of the chat's special tokens, and nothing else of the matrix.
+
+    <|user|>, <|assistant|>, <|end|>... never occur in pretraining, so their embedding rows are still
+    random. Frozen, they cannot be learned: measured, a LoRA model then never learns to end its answer
+    (validation loss on <|end|> 3.9 nats against 0.002 with full finetuning). Libraries that add tokens
+    for LoRA train those rows too (PEFT's trainable tokens). The matrix is made trainable and a hook
+    zeroes the gradient of every other row; with no weight decay on it, AdamW then leaves those rows
+    exactly as they were. The output head is the same matrix (weight tying), so this also teaches the
+    model to *emit* <|end|>. Returns the number of parameters that really train."""
+    embedding = model.transformer.wte.weight
+    keep = torch.zeros(embedding.size(0), 1, device=embedding.device)
+    keep[list(token_ids)] = 1.0
+    embedding.requires_grad_(True)
+    embedding.register_hook(lambda gradient: gradient * keep)
+    return len(set(token_ids)) * embedding.size(1)
+
+
+def base_weight_bytes(model):
+    """Bytes held by the base model's weights: every parameter but the adapters, plus the int8 buffers."""
+    total = sum(p.numel() * p.element_size() for name, p in model.named_parameters() if "lora_" not in name)
+    total += sum(b.numel() * b.element_size() for name, b in model.named_buffers()
+                 if name.endswith(("weight_int8", "weight_scale")))
+    return total
 
 
 # -----------------------------------------------------------------------------------------------
@@ -426,7 +453,8 @@ def base_fewshot_responses(model, tokenizer, world, prompts, max_new_tokens, bat
     for start in range(0, len(rendered), batch_size):
         for generation in model.generate(rendered[start:start + batch_size], max_new_tokens, temperature=0.0,
                                          stop_tokens=stops):
-            answers.append(tokenizer.decode(generation.tokens).split("\n")[0].strip())
+            tokens = generation.tokens[:-1] if generation.stopped else generation.tokens   # not the stop token
+            answers.append(tokenizer.decode(tokens).split("\n")[0].strip())
     return answers
 
 
@@ -515,13 +543,14 @@ def train(model, optimizer, config, batches, mix_stream, validation, device, ste
     peak = config.lora_learning_rate if config.lora_rank > 0 else config.learning_rate
     warmup_fraction = config.warmup_iters / config.max_iters
     trainable = [p for p in model.parameters() if p.requires_grad]
-    progress = Progress(config.max_iters, config.max_time or None, prefix="sft ")
+    max_seconds = config.max_time * 60
+    progress = Progress(config.max_iters, max_seconds or None, prefix="sft ")
     started, interrupted = time.time(), False
     model.train()
     try:
         while True:
             elapsed = time.time() - started
-            done = max(step / config.max_iters, elapsed / config.max_time if config.max_time else 0.0)
+            done = max(step / config.max_iters, elapsed / max_seconds if max_seconds else 0.0)
             if validation and (step % config.eval_interval == 0 or done >= 1.0):
                 history["val"].append((step, validation_loss(model, validation, device)))
             if done >= 1.0:
@@ -582,8 +611,10 @@ def main(config: Config) -> dict:
     from data.tinyworld import World
     world = World(**world_arguments(base_checkpoint))   # the prompts we evaluate on, and the default data
     conversations = jsonl_conversations(config.data) if config.data else world_conversations(world)
-    if config.show_example:
-        show_example(tokenizer, conversations[0], block_size)
+    if config.show_example:   # the first conversation, and the first with a tool call if there is one
+        tool_calls = [c for c in conversations if any("<|result|>" in m["content"] for m in c)]
+        for messages in [conversations[0]] + tool_calls[:1]:
+            show_example(tokenizer, messages, block_size)
         return {}
     examples, truncated, dropped = encode_all(tokenizer, conversations, block_size)
     batches = BatchSchedule(examples, config.batch_size, config.seed)
@@ -611,20 +642,26 @@ def main(config: Config) -> dict:
 
     # --- the model: full finetuning, or LoRA adapters on a frozen (maybe int8) base ---
     total = sum(p.numel() for p in model.parameters())
-    frozen_fp32 = sum(p.numel() * p.element_size() for p in model.parameters())
+    trainable = total
     if config.lora_rank > 0:
-        wrapped = add_lora(model, config.lora_rank, config.lora_alpha, config.base_precision)
+        base_fp32 = base_weight_bytes(model)
+        wrapped = add_lora(model, config.lora_rank, config.lora_alpha, config.base_precision, config.lora_layers)
+        if not wrapped:
+            raise UsageError(f"--lora_layers {' '.join(config.lora_layers)}: no linear layer of the model ends with "
+                             f"these names; choose from {', '.join(LORA_LAYERS)}")
+        adapters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total += adapters
+        trainable = adapters + train_token_rows(model, tokenizer.special_tokens.values())
         model.to(device)
-        total += sum(p.numel() for p in model.parameters() if p.requires_grad)
-        frozen = frozen_weight_bytes(model)
-        metrics.update({"memory/frozen_bytes_fp32": frozen_fp32, "memory/frozen_bytes": frozen})
-        print(f"LoRA rank {config.lora_rank} on {len(wrapped)} linear layers; frozen weights "
-              f"{frozen_fp32 / 1e6:.2f} MB in fp32 -> {frozen / 1e6:.2f} MB held in {config.base_precision}")
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        held = base_weight_bytes(model)
+        metrics.update({"memory/base_bytes_fp32": base_fp32, "memory/base_bytes": held})
+        print(f"LoRA rank {config.lora_rank} on {len(wrapped)} linear layers, plus the special tokens' embeddings; "
+              f"base weights {base_fp32 / 1e6:.2f} MB in fp32 -> {held / 1e6:.2f} MB held in {config.base_precision}")
     metrics.update({"params/total": total, "params/trainable": trainable, "params/trainable_fraction": trainable / total})
     print(f"trainable parameters: {trainable:,} of {total:,} ({trainable / total:.2%})")
     peak = config.lora_learning_rate if config.lora_rank > 0 else config.learning_rate
-    optimizer = model.configure_optimizer(peak, weight_decay=config.weight_decay)
+    # No weight decay under LoRA: it would move the embedding rows that must stay frozen.
+    optimizer = model.configure_optimizer(peak, weight_decay=0.0 if config.lora_rank > 0 else config.weight_decay)
     step, history = 0, {"sft": [], "pretrain": [], "val": []}
     if saved:
         step = saved["step"]
@@ -646,8 +683,9 @@ def main(config: Config) -> dict:
     extra = {}
     if interrupted:   # what --resume needs: for LoRA the adapters themselves, before they are merged away
         weights = model.state_dict()
-        if config.lora_rank > 0:
-            weights = {name: tensor for name, tensor in weights.items() if "lora_" in name}
+        if config.lora_rank > 0:   # the adapters and the (tied) embedding whose special rows train
+            weights = {name: tensor for name, tensor in weights.items()
+                       if "lora_" in name or name in ("transformer.wte.weight", "lm_head.weight")}
         extra["resume"] = {"step": step, "weights": weights, "optimizer": optimizer.state_dict(),
                            "history": history, "lora_rank": config.lora_rank,
                            "base_metrics": base_metrics, "before": before}

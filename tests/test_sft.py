@@ -176,7 +176,7 @@ def test_int8_base_holds_the_frozen_linears_in_a_quarter_of_the_memory(tiny_mode
     linear_int8 = sum(m.weight_int8.numel() + m.weight_scale.numel() * 4 for m in wrapped)
     assert 3.5 < linear_fp32 / linear_int8 <= 4    # 1 byte per weight + one fp32 scale per row
     # Everything else frozen (embeddings, LayerNorms, biases) stays fp32 and is counted as is.
-    assert sft.frozen_weight_bytes(tiny_model) == fp32 - linear_fp32 + linear_int8
+    assert sft.base_weight_bytes(tiny_model) == fp32 - linear_fp32 + linear_int8
 
 
 # --- the stage end to end --------------------------------------------------------------------------
@@ -207,10 +207,18 @@ def test_a_lora_int8_run_saves_a_plain_gpt(make_checkpoint, tmp_path):
     metrics = sft.main(tiny_config(tmp_path, lora_rank=4, base_precision="int8", max_iters=12,
                                    skip_base_eval=True, pretrain_mix=0))
     assert metrics["params/trainable"] < metrics["params/total"]
-    assert metrics["memory/frozen_bytes"] < metrics["memory/frozen_bytes_fp32"]
-    _, _, checkpoint = load_model(str(tmp_path / "sft.pt"), stages="sft")
-    plain = load_model(str(tmp_path / "pretrain.pt"))[2]["model"]
-    assert set(checkpoint["model"]) == set(plain)
+    assert metrics["memory/base_bytes"] < metrics["memory/base_bytes_fp32"]
+    tokenizer, checkpoint = load_model(str(tmp_path / "sft.pt"), stages="sft")[1:]
+    base = load_model(str(tmp_path / "pretrain.pt"))[2]["model"]
+    assert set(checkpoint["model"]) == set(base)   # a plain GPT: the adapters are merged in
+    # The embedding trained only the rows of the special tokens (new in SFT); every other row is untouched.
+    special = sorted(tokenizer.special_tokens.values())
+    ordinary = [token for token in range(base["transformer.wte.weight"].size(0)) if token not in special]
+    embedding = checkpoint["model"]["transformer.wte.weight"]
+    assert torch.equal(embedding[ordinary], base["transformer.wte.weight"][ordinary])
+    assert not torch.equal(embedding[special], base["transformer.wte.weight"][special])
+    assert not torch.equal(checkpoint["model"]["transformer.h.0.attn.c_attn.weight"],
+                           base["transformer.h.0.attn.c_attn.weight"])
 
 
 def test_show_example_marks_the_trained_tokens(make_checkpoint, tmp_path, capsys):
