@@ -596,6 +596,10 @@ def atomic_path(path):
     os.close(handle)
     try:
         yield temporary
+        # mkstemp makes the file private (0600); give it the mode an ordinary new file would have
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
         os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):
