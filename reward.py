@@ -19,6 +19,7 @@ Reads top to bottom: config, comparisons (sample and rank, or read), the reward 
 training loop, evaluation, save.
 """
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -52,7 +53,7 @@ class Config:
     # the comparisons
     samples_per_prompt: int = field(default=4, metadata={"help": "K: completions sampled per prompt (InstructGPT used 4 to 9)"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature: high enough that the K completions differ in quality"})
-    max_new_tokens: int = field(default=64, metadata={"help": "longest sampled completion, in tokens"})
+    max_new_tokens: int = field(default=128, metadata={"help": "longest sampled completion, in tokens (rlhf.py samples up to 128 too)"})
     max_prompts: int = field(default=0, metadata={"help": "use only the first N prompts (0: all of them)"})
     heldout_fraction: float = field(default=0.2, metadata={"help": "share of prompts kept out of training to evaluate on"})
     # training
@@ -112,14 +113,31 @@ def sample_comparisons(model, tokenizer, world, prompts, samples_per_prompt, tem
     """The SFT model answers every prompt K times; the oracle scores each answer and so ranks them.
     All prompts x K go through the model in large batches (chat_responses uses the KV cache)."""
     repeated = [prompt for prompt in prompts for _ in range(samples_per_prompt)]
-    responses = chat_responses(model, tokenizer, repeated, temperature=temperature,
-                               max_new_tokens=max_new_tokens, seed=seed, batch_size=128)
+    with one_thread_on_cpu(next(model.parameters()).device):
+        responses = chat_responses(model, tokenizer, repeated, temperature=temperature,
+                                   max_new_tokens=max_new_tokens, seed=seed)
     comparisons = []
     for index, prompt in enumerate(prompts):
         completions = responses[index * samples_per_prompt:(index + 1) * samples_per_prompt]
         graded = [world.score(prompt, completion) for completion in completions]
         comparisons.append(rank_by_scores(prompt, completions, [s for s, _ in graded], [r for _, r in graded]))
     return comparisons
+
+
+@contextlib.contextmanager
+def one_thread_on_cpu(device):
+    """Generation is one small step at a time; on a CPU, splitting each small matrix product over
+    threads costs more in synchronisation than it gains (sample.py measured 4,200 vs 880 tokens/s;
+    here, sampling the comparisons took 7 s with one thread and 110 s with two, on a busy machine)."""
+    if str(device) != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def write_comparisons(path, comparisons):
@@ -346,6 +364,20 @@ def evaluate(model, tokenizer, comparisons, batch_prompts=64):
     return {"loss": loss.item(), "accuracy": accuracy.item(), "pairs": pairs, "rewards": rewards}
 
 
+def clear_pair_accuracy(comparisons, rewards, gap=0.5):
+    """Accuracy on the pairs whose oracle scores differ by at least `gap`: a right answer against
+    a wrong one, rather than two kinds of wrong (partial credit). Returns (accuracy, pairs)."""
+    right, count, offset = 0.0, 0, 0
+    for comparison in comparisons:
+        for better, worse in comparison.pairs():
+            if comparison.scores[better] - comparison.scores[worse] >= gap:
+                margin = rewards[offset + better] - rewards[offset + worse]
+                right += 1.0 if margin > 0 else 0.5 if margin == 0 else 0.0
+                count += 1
+        offset += len(comparison.completions)
+    return (right / count if count else float("nan")), count
+
+
 def spearman(xs, ys):
     """Spearman rank correlation: Pearson correlation of the ranks (ties get their average rank)."""
     def ranks(values):
@@ -545,6 +577,8 @@ def main(config: Config) -> dict:
         if all(c.scores is not None for c in heldout_set):
             scores = [s for c in heldout_set for s in c.scores]
             metrics["heldout/spearman"] = spearman(rewards, scores)
+            accuracy, count = clear_pair_accuracy(heldout_set, rewards)
+            metrics.update({"heldout/pairwise_accuracy_clear": accuracy, "comparisons/heldout_clear_pairs": count})
         print("\n".join(show_examples(heldout_set, rewards, config.examples)))
         save_plot(os.path.join(config.out_dir, "reward.png"), history, rewards, scores)
     metrics.update({"sampling_seconds": round(sampling_seconds, 1), "seconds": round(time.time() - start, 1)})
@@ -559,7 +593,9 @@ def main(config: Config) -> dict:
     write_json(os.path.join(config.out_dir, "reward.json"), metrics)
     if "heldout/pairwise_accuracy" in metrics:
         print(f"held out: pairwise accuracy {metrics['heldout/pairwise_accuracy']:.1%} on {heldout_pairs} pairs"
-              + (f" | Spearman(reward, oracle) {metrics['heldout/spearman']:.2f}" if "heldout/spearman" in metrics else "")
+              + (f" ({metrics['heldout/pairwise_accuracy_clear']:.1%} on the {metrics['comparisons/heldout_clear_pairs']} "
+                 f"clear ones, right vs wrong) | Spearman(reward, oracle) {metrics['heldout/spearman']:.2f}"
+                 if "heldout/spearman" in metrics else "")
               + f" | reward mean {metrics['reward/mean']:+.2f}, std {metrics['reward/std']:.2f}")
     print(f"saved {reward_path} ({step} steps, {metrics['seconds']:.0f}s)")
     return metrics

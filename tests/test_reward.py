@@ -14,7 +14,7 @@ import torch
 
 from bpe import UsageError
 from model import load_checkpoint, load_model, parse_config
-from reward import (Comparison, Config, batch_loss, main, pad_batch, pairwise_loss, rank_by_scores, read_preferences,
+from reward import (Comparison, Config, batch_loss, clear_pair_accuracy, main, pad_batch, pairwise_loss, rank_by_scores, read_preferences,
                     reward_input_ids, reward_scores, sample_comparisons, spearman, write_comparisons)
 
 
@@ -276,3 +276,11 @@ def test_batch_loss_equals_scoring_each_completion_alone(reward_model):
     levels = torch.tensor([level for c in comparisons for level in c.levels()])
     expected, expected_accuracy, _ = pairwise_loss(rewards, groups, levels)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5) and accuracy.item() == pytest.approx(expected_accuracy.item())
+
+
+def test_clear_pair_accuracy_counts_only_right_against_wrong():
+    comparisons = [rank_by_scores("p", ["right", "near miss", "garbage"], [1.0, 0.2, 0.0]),
+                   rank_by_scores("q", ["a", "b"], [0.1, 0.0])]               # two kinds of wrong: not clear
+    rewards = torch.tensor([0.5, 1.0, -1.0, 3.0, -3.0])   # ranks "near miss" above "right"
+    assert clear_pair_accuracy(comparisons, rewards) == (0.5, 2)
+    assert clear_pair_accuracy(comparisons, rewards, gap=0.1) == (pytest.approx(3 / 4), 4)
