@@ -55,7 +55,7 @@ class Config:
                                                            "the learning-rate schedule follows whichever budget ends first"})
     batch_size: int = field(default=32, metadata={"help": "conversations per step"})
     learning_rate: float = field(default=1e-3, metadata={"help": "peak learning rate for full finetuning"})
-    lora_learning_rate: float = field(default=2e-3, metadata={"help": "peak learning rate when --lora_rank > 0 "
+    lora_learning_rate: float = field(default=5e-3, metadata={"help": "peak learning rate when --lora_rank > 0 "
                                                                      "(adapters start at zero and need larger steps)"})
     warmup_iters: int = field(default=20, metadata={"help": "linear warmup steps, then cosine decay to 10%"})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (matrices only)"})
@@ -329,11 +329,12 @@ def dequantize_int8(quantized, scale):
 
 
 class LoRALinear(nn.Module):
-    """A frozen nn.Linear (fp32 or int8) plus a trainable low-rank update (alpha / rank) * B @ A."""
+    """A frozen nn.Linear (fp32 or int8) plus a trainable low-rank update (alpha / rank) * B @ A.
+    With rank 0 there is no update: just the frozen layer (how an int8 base holds a layer without adapter)."""
 
     def __init__(self, linear, rank, alpha, precision="fp32"):
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.in_features, self.out_features, self.rank = linear.in_features, linear.out_features, rank
         self.precision = precision
         weight = linear.weight.detach()
         if precision == "int8":
@@ -343,9 +344,10 @@ class LoRALinear(nn.Module):
         else:
             self.weight = nn.Parameter(weight.clone(), requires_grad=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-        self.scaling = alpha / rank
-        self.lora_A = nn.Parameter(torch.randn(rank, self.in_features, device=weight.device) / math.sqrt(self.in_features))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=weight.device))
+        if rank > 0:
+            self.scaling = alpha / rank
+            self.lora_A = nn.Parameter(torch.randn(rank, self.in_features, device=weight.device) / math.sqrt(self.in_features))
+            self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=weight.device))
 
     def base_weight(self):
         if self.precision == "int8":
@@ -354,15 +356,17 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):
         base = F.linear(x, self.base_weight(), self.bias)   # the same op nn.Linear runs: step 0 is exact
+        if self.rank == 0:
+            return base
         update = F.linear(F.linear(x, self.lora_A), self.lora_B)
         return base + self.scaling * update
 
     def merged(self):
         """One plain nn.Linear with W + (alpha / r) * B @ A."""
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=self.lora_A.device)
+        weight = self.base_weight()
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=weight.device)
         with torch.no_grad():
-            linear.weight.copy_(self.base_weight() + self.scaling * (self.lora_B @ self.lora_A))
+            linear.weight.copy_(weight if self.rank == 0 else weight + self.scaling * (self.lora_B @ self.lora_A))
             if self.bias is not None:
                 linear.bias.copy_(self.bias)
         return linear
@@ -374,11 +378,11 @@ class LoRALinear(nn.Module):
 LORA_LAYERS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
 
-def lora_targets(model, layers=LORA_LAYERS):
+def block_linears(model):
     """The attention and MLP linear layers inside the transformer blocks. The output head is left
-    alone: it is tied to the token embedding, which stays frozen (as do the LayerNorms)."""
+    alone: it is tied to the token embedding (see train_token_rows)."""
     return [name for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and name.endswith(tuple(layers))]
+            if isinstance(module, nn.Linear) and name.endswith(LORA_LAYERS)]
 
 
 def _replace(model, name, module):
@@ -387,14 +391,19 @@ def _replace(model, name, module):
 
 
 def add_lora(model, rank, alpha, precision="fp32", layers=LORA_LAYERS):
-    """Freeze every parameter of the model, then wrap its block linears with LoRA adapters (trainable).
-    Returns the names of the wrapped layers."""
+    """Freeze every parameter of the model, then give the block linears named in `layers` LoRA adapters
+    (trainable). With an int8 base every block linear is held in int8, adapter or not: all are frozen.
+    Returns the names of the layers with adapters."""
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    names = lora_targets(model, layers)
-    for name in names:
-        _replace(model, name, LoRALinear(model.get_submodule(name), rank, alpha, precision))
-    return names
+    adapted = []
+    for name in block_linears(model):
+        if name.endswith(tuple(layers)):
+            _replace(model, name, LoRALinear(model.get_submodule(name), rank, alpha, precision))
+            adapted.append(name)
+        elif precision == "int8":
+            _replace(model, name, LoRALinear(model.get_submodule(name), 0, alpha, precision))
+    return adapted
 
 
 def merge_lora(model):

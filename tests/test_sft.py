@@ -150,10 +150,13 @@ def test_lora_at_step_zero_is_exactly_the_base_model(tiny_model):
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_merged_adapters_give_the_same_logits(tiny_model, precision):
     plain_keys = set(tiny_model.state_dict())
-    sft.add_lora(tiny_model, rank=4, alpha=8, precision=precision)
+    adapted = sft.add_lora(tiny_model, rank=4, alpha=8, precision=precision, layers=("attn.c_attn", "mlp.c_fc"))
+    wrapped = [module for module in tiny_model.modules() if isinstance(module, sft.LoRALinear)]
+    # With an int8 base the layers without adapters are held in int8 too (rank 0): all are frozen.
+    assert len(wrapped) == (2 * len(adapted) if precision == "int8" else len(adapted))
     torch.manual_seed(1)
-    for module in tiny_model.modules():
-        if isinstance(module, sft.LoRALinear):
+    for module in wrapped:
+        if module.rank:
             module.lora_B.data.normal_(std=0.05)   # as if trained: the adapters now change the output
     with_adapters = logits_of(tiny_model)
     sft.merge_lora(tiny_model)
