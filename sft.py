@@ -8,9 +8,10 @@ for a small, high-quality set of documents of the form (prompt, ideal response),
 contractors following labeling instructions, and keep doing language modeling on them. The base model,
 which would answer a question with more questions, learns the shape of an assistant's answer.
 
-Two details make it work on a model this small (both measured, see README):
+Two details matter on a model this small:
   - the loss counts only the assistant's tokens (the user's words are context, not something to imitate);
-  - every step also trains on a few rows of pretraining text, or the model forgets what it knew.
+  - every step also trains on a few rows of pretraining text, or the model forgets what it knew
+    (measured: questions about entities known from pretraining only, 10% right without, 80% with).
 
 The talk's finetuning advice lives here too: `--lora_rank 8` trains small low-rank adapters while the
 GPT stays frozen, and `--base_precision int8` holds that frozen part in 8 bits.
