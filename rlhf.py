@@ -55,25 +55,33 @@ class Config:
     data: str = field(default="", metadata={"help": "dpo: preference JSONL (default: <out_dir>/comparisons.jsonl)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or mps"})
     seed: int = field(default=1337, metadata={"help": "seed of prompt order, sampling and evaluation"})
-    max_iters: int = field(default=100, metadata={"help": "training steps (one batch of rollouts, or of pairs for dpo)"})
+    max_iters: int = field(default=0, metadata={
+        "help": "training steps: a batch of samples (reinforce: one update; ppo: ppo_epochs x ppo_minibatches "
+                "updates) or of pairs (dpo); 0: the algorithm's default, 200 reinforce, 80 ppo, 100 dpo"})
     # sampling (reinforce, ppo)
     prompts_per_step: int = field(default=16, metadata={"help": "RL prompts per step"})
     samples_per_prompt: int = field(default=4, metadata={"help": "K: completions sampled per prompt (the "
                                                                  "leave-one-out baseline needs K >= 2)"})
     max_new_tokens: int = field(default=128, metadata={"help": "longest completion, in tokens (training and evaluation)"})
     # the objective
-    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (constant)"})
-    kl_coef: float = field(default=0.05, metadata={
+    learning_rate: float = field(default=1e-5, metadata={
+        "help": "AdamW learning rate (constant); RL steps are noisy: at 1e-4 the policy is 6 nats from SFT "
+                "within 10 steps, fooling the reward model"})
+    kl_coef: float = field(default=0.1, metadata={
         "help": "beta, weight of the KL(policy || SFT) penalty in the reward, per unit of reward spread; "
                 "the field uses 0.02 (InstructGPT) to 0.05 (TRL) to 0.1 (DeepSpeed-Chat); 0 = no leash"})
     truncation_penalty: float = field(default=1.0, metadata={
         "help": "subtracted from the reward of a completion that never said <|end|> (TRL's missing_eos_penalty)"})
     grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0: off)"})
+    micro_batch: int = field(default=16, metadata={"help": "sequences per forward pass or generation call, grouped "
+                                                           "by length (less padding); larger is faster on a GPU"})
     # ppo
     ppo_epochs: int = field(default=4, metadata={"help": "ppo: passes over each batch of rollouts"})
     ppo_minibatches: int = field(default=2, metadata={"help": "ppo: minibatches per pass"})
     clip_range: float = field(default=0.2, metadata={"help": "ppo: epsilon of the clipped probability ratio"})
-    gae_lambda: float = field(default=0.95, metadata={"help": "ppo: lambda of generalised advantage estimation"})
+    gae_lambda: float = field(default=1.0, metadata={
+        "help": "ppo: lambda of generalised advantage estimation (1: each token gets the whole return minus "
+                "its value; InstructGPT/TRL use 0.95 with a value model that already knows something)"})
     value_coef: float = field(default=0.1, metadata={"help": "ppo: weight of the value head's loss"})
     # dpo
     dpo_beta: float = field(default=0.1, metadata={"help": "dpo: beta, the strength of the implicit KL leash"})
@@ -84,6 +92,11 @@ class Config:
         "help": "held-out prompts sampled K times before and after, for reward, KL and diversity"})
     resume: bool = field(default=False, metadata={"help": "continue from <out_dir>/rlhf.pt (after Ctrl-C, "
                                                           "or to train a finished run for more steps)"})
+
+
+# About 3.5 minutes each on a 2-core laptop CPU: a ppo step makes ppo_epochs x ppo_minibatches updates
+# from its samples (about twice a reinforce step's time); a dpo step samples nothing.
+DEFAULT_ITERS = {"reinforce": 200, "ppo": 80, "dpo": 100}
 
 
 # -----------------------------------------------------------------------------------------------
@@ -99,6 +112,7 @@ class Rollout:
     tokens: list         # the completion tokens (with <|end|> if it stopped)
     stopped: list        # ended on <|end|> (False: cut off at max_new_tokens or the context)
     sampled_logprobs: list  # the sampler's log-probability of each completion token
+    sequences: list      # prompt + completion token ids of each row
     idx: torch.Tensor    # [B, T] long
     mask: torch.Tensor   # [B, T - 1] float
 
@@ -123,24 +137,34 @@ def pad_sequences(sequences, action_masks, device):
     return idx.to(device), mask[:, 1:].to(device)   # target t + 1 is predicted at position t
 
 
+def by_length(sequences, rows):
+    """Groups of at most `rows` indices of sequences of similar length: a batch is as long as its longest
+    row, so grouping long with long and short with short wastes less work on padding."""
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    return [order[start:start + rows] for start in range(0, len(order), rows)]
+
+
 @torch.no_grad()
-def sample_rollout(policy, tokenizer, prompts, samples_per_prompt, max_new_tokens, seed):
+def sample_rollout(policy, tokenizer, prompts, samples_per_prompt, max_new_tokens, seed, micro_batch=16):
     """Plain temperature-1 sampling (no top-k, no top-p), so each sampled token's probability is exactly
-    the policy's own: the KL estimate and the policy gradient below both rely on that."""
+    the policy's own: the KL estimate and the policy gradient below both rely on that. Generated in
+    groups of prompts of similar length (one rambling sample holds up only its own group)."""
     end = tokenizer.special_tokens["<|end|>"]
     rendered = [prompt_ids(tokenizer, p, policy.config.block_size, max_new_tokens) for p in prompts]
     repeated = [ids for ids in rendered for _ in range(samples_per_prompt)]
-    was_training = policy.training
-    policy.eval()
-    generations = policy.generate(repeated, max_new_tokens, temperature=1.0, stop_tokens=(end,), seed=seed)
-    policy.train(was_training)
+    generations = [None] * len(repeated)
+    for number, group in enumerate(by_length(repeated, micro_batch)):
+        results = policy.generate([repeated[i] for i in group], max_new_tokens, temperature=1.0,
+                                  stop_tokens=(end,), seed=seed * 1000 + number)
+        for i, generation in zip(group, results):
+            generations[i] = generation
     tokens = [g.tokens for g in generations]
     responses = [tokenizer.decode(t[:-1] if g.stopped else t) for t, g in zip(tokens, generations)]
     sequences = [p + t for p, t in zip(repeated, tokens)]
     action_masks = [[0] * len(p) + [1] * len(t) for p, t in zip(repeated, tokens)]
     idx, mask = pad_sequences(sequences, action_masks, next(policy.parameters()).device)
     return Rollout([p for p in prompts for _ in range(samples_per_prompt)], responses, tokens,
-                   [g.stopped for g in generations], [g.logprobs for g in generations], idx, mask)
+                   [g.stopped for g in generations], [g.logprobs for g in generations], sequences, idx, mask)
 
 
 def token_logprobs(model, idx):
@@ -149,6 +173,30 @@ def token_logprobs(model, idx):
     with autocast(idx.device.type):
         logits, _ = model(idx)
     return selected_logprobs(logits[:, :-1], idx[:, 1:])
+
+
+def in_micro_batches(function, sequences, micro_batch, device):
+    """Run function(idx) -> tuple of [b, t - 1] tensors over groups of sequences of similar length, and
+    lay the results out as one [B, T - 1] grid (T = the longest sequence), matching pad_sequences: the
+    same numbers as one big padded batch, for less work. Gradients flow through."""
+    width = max(len(ids) for ids in sequences)
+    outputs = None
+    for group in by_length(sequences, micro_batch):
+        length = max(len(sequences[i]) for i in group)
+        idx = torch.zeros((len(group), length), dtype=torch.long)
+        for row, i in enumerate(group):
+            idx[row, :len(sequences[i])] = torch.tensor(sequences[i], dtype=torch.long)
+        results = function(idx.to(device))
+        if outputs is None:
+            outputs = [result.new_zeros((len(sequences), width - 1)) for result in results]
+        rows = torch.tensor(group, device=device)
+        for output, result in zip(outputs, results):
+            output[rows, :length - 1] = result
+    return outputs
+
+
+def rollout_logprobs(model, sequences, micro_batch, device):
+    return in_micro_batches(lambda idx: (token_logprobs(model, idx),), sequences, micro_batch, device)[0]
 
 
 def selected_logprobs(logits, targets):
@@ -241,7 +289,9 @@ def per_token_rewards(scores, policy_logprobs, reference_logprobs, mask, kl_coef
 def gae_advantages(rewards, values, mask, gamma=1.0, lam=0.95):
     """Generalised advantage estimation (Schulman et al. 2016), going backwards over the completion:
     delta_t = r_t + gamma V_{t+1} - V_t;  A_t = delta_t + gamma lambda A_{t+1}; V after the end is 0.
-    lambda = 1 is the plain Monte-Carlo return minus V (unbiased, noisy); lower trusts V more.
+    lambda = 1 is the plain Monte-Carlo return minus V (unbiased, noisy); lower trusts V more. Measured
+    here: with a value head that starts at zero, lambda = 0.95 lays a bad completion's blame on its last
+    tokens, its <|end|> above all, and the policy learns to ramble instead; the default is 1.
     Returns (advantages, returns = advantages + values), zero outside the mask."""
     advantages = torch.zeros_like(rewards)
     next_value = torch.zeros_like(rewards[:, 0])
@@ -300,7 +350,7 @@ def preference_pairs(comparisons):
     return [(c.prompt, c.completions[i], c.completions[j]) for c in comparisons for i, j in c.pairs()]
 
 
-def pair_batch(tokenizer, pairs, block_size, device):
+def pair_sequences(tokenizer, pairs, block_size):
     """Chosen responses in rows 0..N-1, rejected in N..2N-1, with render_chat's train mask marking the
     response tokens (and its <|end|>) whose log-probabilities are summed."""
     sequences, masks = [], []
@@ -310,11 +360,7 @@ def pair_batch(tokenizer, pairs, block_size, device):
                                                       {"role": "assistant", "content": pair[column]}])
             sequences.append(ids[-block_size:])
             masks.append(train_mask[-block_size:])
-    return pad_sequences(sequences, masks, device)
-
-
-def response_logprobs(model, idx, mask):
-    return (token_logprobs(model, idx) * mask).sum(-1)
+    return sequences, masks
 
 
 # -----------------------------------------------------------------------------------------------
@@ -356,8 +402,11 @@ def evaluate_heldout(model, tokenizer, world, tasks, max_new_tokens, seed):
 def sample_report(policy, reference, tokenizer, reward_fn, world, prompts, config, seed):
     """K samples of each of some held-out prompts: reward, oracle score, KL to the reference, length,
     diversity. The same seed before and after training, so only the model differs."""
-    rollout = sample_rollout(policy, tokenizer, prompts, config.samples_per_prompt, config.max_new_tokens, seed)
-    kl = sequence_kl(token_logprobs(policy, rollout.idx), token_logprobs(reference, rollout.idx), rollout.mask)
+    rollout = sample_rollout(policy, tokenizer, prompts, config.samples_per_prompt, config.max_new_tokens, seed,
+                             config.micro_batch)
+    device = rollout.mask.device
+    kl = sequence_kl(rollout_logprobs(policy, rollout.sequences, config.micro_batch, device),
+                     rollout_logprobs(reference, rollout.sequences, config.micro_batch, device), rollout.mask)
     distinct, distinct_2 = diversity(rollout.tokens, config.samples_per_prompt)
     report = {"kl": kl.mean().item(), "length": sum(map(len, rollout.tokens)) / len(rollout.tokens),
               "stopped": sum(rollout.stopped) / len(rollout.stopped),
@@ -392,15 +441,15 @@ def rollout_step(policy, reference, value_head, optimizer, tokenizer, prompts, r
     """One step of reinforce or ppo: sample, score, then update. Returns the step's log line."""
     device = next(policy.parameters()).device
     rollout = sample_rollout(policy, tokenizer, prompts, config.samples_per_prompt, config.max_new_tokens,
-                             seed=config.seed * 100_003 + step)
+                             seed=config.seed * 100_003 + step, micro_batch=config.micro_batch)
     scores = reward_fn(rollout.prompts, rollout.responses).float().to(device)
     stopped = torch.tensor(rollout.stopped, dtype=torch.float32, device=device)
     rewards = normalizer(scores) - config.truncation_penalty * (1.0 - stopped)
     with torch.no_grad():
-        reference_logprobs = token_logprobs(reference, rollout.idx)
+        reference_logprobs = rollout_logprobs(reference, rollout.sequences, config.micro_batch, device)
     mask = rollout.mask
     if config.algo == "reinforce":
-        logprobs = token_logprobs(policy, rollout.idx)
+        logprobs = rollout_logprobs(policy, rollout.sequences, config.micro_batch, device)
         kl = sequence_kl(logprobs.detach(), reference_logprobs, mask)
         # the KL penalty goes into the reward (as InstructGPT did), so the estimator is the gradient of
         # E[reward] - beta KL; the baseline then compares each sample with its siblings
@@ -425,22 +474,30 @@ def rollout_step(policy, reference, value_head, optimizer, tokenizer, prompts, r
 
 
 def ppo_update(policy, value_head, optimizer, rollout, rewards, reference_logprobs, config, step):
-    mask = rollout.mask
+    mask, device = rollout.mask, rollout.mask.device
+
+    def forward(rows):   # log-probabilities and values of some rows, on the rollout's [B, T - 1] grid
+        sequences = [rollout.sequences[i] for i in rows]
+        logprobs, values = in_micro_batches(lambda idx: logprobs_and_values(policy, value_head, idx),
+                                            sequences, config.micro_batch, device)
+        width = mask.shape[1]   # the rows' own grid may be narrower than the whole rollout's
+        return F.pad(logprobs, (0, width - logprobs.shape[1])), F.pad(values, (0, width - values.shape[1]))
+
     with torch.no_grad():
-        old_logprobs, old_values = logprobs_and_values(policy, value_head, rollout.idx)
+        old_logprobs, old_values = forward(list(range(len(rollout.sequences))))
         kl = sequence_kl(old_logprobs, reference_logprobs, mask)
         token_rewards = per_token_rewards(rewards, old_logprobs, reference_logprobs, mask, config.kl_coef)
         advantages, returns = gae_advantages(token_rewards, old_values, mask, gamma=1.0, lam=config.gae_lambda)
         advantages = whiten(advantages, mask)   # one scale for every batch: a steadier step size
-    rows = rollout.idx.shape[0]
+    rows = len(rollout.sequences)
     size = max(rows // max(config.ppo_minibatches, 1), 1)
     generator = torch.Generator().manual_seed(config.seed * 100_003 + step)   # minibatch order, per step
     losses, value_losses, clip_fractions = [], [], []
     for _ in range(config.ppo_epochs):
-        order = torch.randperm(rows, generator=generator).to(rollout.idx.device)
+        order = torch.randperm(rows, generator=generator).to(device)
         for start in range(0, rows, size):
             chosen = order[start:start + size]
-            logprobs, values = logprobs_and_values(policy, value_head, rollout.idx[chosen])
+            logprobs, values = forward(chosen.tolist())
             policy_loss, clip_fraction = ppo_policy_loss(logprobs, old_logprobs[chosen], advantages[chosen],
                                                          mask[chosen], config.clip_range)
             value_loss = 0.5 * masked_mean((values - returns[chosen]) ** 2, mask[chosen])
@@ -458,10 +515,11 @@ def ppo_update(policy, value_head, optimizer, rollout, rewards, reference_logpro
 
 def dpo_step(policy, reference, optimizer, tokenizer, pairs, config):
     device = next(policy.parameters()).device
-    idx, mask = pair_batch(tokenizer, pairs, policy.config.block_size, device)
+    sequences, masks = pair_sequences(tokenizer, pairs, policy.config.block_size)
+    _, mask = pad_sequences(sequences, masks, device)
     with torch.no_grad():
-        reference_logprobs = response_logprobs(reference, idx, mask)
-    policy_logprobs = response_logprobs(policy, idx, mask)
+        reference_logprobs = (rollout_logprobs(reference, sequences, config.micro_batch, device) * mask).sum(-1)
+    policy_logprobs = (rollout_logprobs(policy, sequences, config.micro_batch, device) * mask).sum(-1)
     n = len(pairs)
     loss, chosen, rejected = dpo_loss(policy_logprobs[:n], policy_logprobs[n:],
                                       reference_logprobs[:n], reference_logprobs[n:], config.dpo_beta)
@@ -534,7 +592,7 @@ def main(config: Config) -> dict:
         from reward import reward_scores
 
         def reward_fn(prompts, responses):
-            return reward_scores(reward_model, tokenizer, prompts, responses)
+            return reward_scores(reward_model, tokenizer, prompts, responses, batch_size=config.micro_batch)
 
     # --- data: the world's RL prompts (or the comparisons, for dpo), its held-out tasks
     from data.tinyworld import World
@@ -583,11 +641,12 @@ def main(config: Config) -> dict:
                                     config.seed))
 
     # --- training
-    progress = Progress(config.max_iters, prefix=f"rlhf {config.algo} ")
+    max_iters = config.max_iters or DEFAULT_ITERS[config.algo]
+    progress = Progress(max_iters, prefix=f"rlhf {config.algo} ")
     completed, interrupted = first_step, False
     policy.eval()   # eval mode = no dropout: the log-probabilities must be the sampler's
     try:
-        for step in range(first_step, config.max_iters):
+        for step in range(first_step, max_iters):
             if config.algo == "dpo":
                 line = dpo_step(policy, reference, optimizer, tokenizer,
                                 batch_of(pairs, step, config.dpo_batch_size, config.seed), config)
@@ -640,10 +699,12 @@ def check_config(config):
         raise UsageError(f"--algo {config.algo}: expected reinforce, ppo or dpo")
     if config.algo == "reinforce" and config.samples_per_prompt < 2:
         raise UsageError("--samples_per_prompt must be at least 2: the leave-one-out baseline compares siblings")
-    for name in ("max_iters", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "dpo_batch_size",
-                 "ppo_epochs", "ppo_minibatches"):
+    for name in ("prompts_per_step", "samples_per_prompt", "max_new_tokens", "dpo_batch_size",
+                 "ppo_epochs", "ppo_minibatches", "micro_batch"):
         if getattr(config, name) < 1:
             raise UsageError(f"--{name} must be at least 1")
+    if config.max_iters < 0:
+        raise UsageError("--max_iters must be positive (or 0 for the algorithm's default)")
     if config.kl_coef < 0 or config.learning_rate <= 0:
         raise UsageError("--kl_coef must be >= 0 and --learning_rate > 0")
 

@@ -42,6 +42,9 @@ def test_sampled_logprobs_equal_a_fresh_forward_pass(policy_and_tokenizer):
         recomputed = logprobs[row][rollout.mask[row] > 0]
         assert len(recomputed) == len(sampled) == len(rollout.tokens[row]) > 0
         torch.testing.assert_close(recomputed, torch.tensor(sampled), atol=1e-5, rtol=0)
+    # grouped by length in micro-batches: the same numbers as one padded batch, where the mask is on
+    chunked = rlhf.rollout_logprobs(policy, rollout.sequences, micro_batch=5, device="cpu")
+    torch.testing.assert_close(chunked * rollout.mask, logprobs * rollout.mask, atol=1e-5, rtol=0)
     # the mask picks exactly the completion tokens, as targets
     for row, tokens in enumerate(rollout.tokens):
         assert rollout.idx[row, 1:][rollout.mask[row] > 0].tolist() == tokens
