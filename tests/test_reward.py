@@ -14,8 +14,9 @@ import torch
 
 from bpe import UsageError
 from model import load_checkpoint, load_model, parse_config
-from reward import (Comparison, Config, batch_loss, clear_pair_accuracy, main, pad_batch, pairwise_loss, rank_by_scores, read_preferences,
-                    reward_input_ids, reward_scores, sample_comparisons, spearman, write_comparisons)
+from reward import (Comparison, Config, batch_loss, clear_pair_accuracy, main, pad_batch, pairwise_loss,
+                    rank_by_scores, read_preferences, reward_input_ids, reward_scores, sample_comparisons,
+                    spearman, spearman_within_prompts, write_comparisons)
 
 
 @pytest.fixture
@@ -284,3 +285,12 @@ def test_clear_pair_accuracy_counts_only_right_against_wrong():
     rewards = torch.tensor([0.5, 1.0, -1.0, 3.0, -3.0])   # ranks "near miss" above "right"
     assert clear_pair_accuracy(comparisons, rewards) == (0.5, 2)
     assert clear_pair_accuracy(comparisons, rewards, gap=0.1) == (pytest.approx(3 / 4), 4)
+
+
+def test_spearman_within_prompts_averages_each_prompts_own_order():
+    comparisons = [rank_by_scores("p", ["a", "b", "c"], [1.0, 0.5, 0.0]),
+                   rank_by_scores("q", ["a", "b"], [0.0, 1.0]),
+                   rank_by_scores("r", ["a", "b"], [1.0, 1.0])]          # all tied: skipped
+    rewards = torch.tensor([3.0, 2.0, 1.0, 5.0, -5.0, 0.0, 9.0])   # p in order, q reversed
+    assert spearman_within_prompts(comparisons, rewards) == pytest.approx(0.0)
+    assert spearman_within_prompts(comparisons[:1], rewards) == pytest.approx(1.0)
