@@ -43,7 +43,8 @@ from pretrain import StopRequest   # Ctrl-C: finish the step, then save
 @dataclass
 class Config:
     out_dir: str = field(default="out", metadata={"help": "where comparisons.jsonl, reward.pt/.json/.png go"})
-    init_from: str = field(default="", metadata={"help": "the SFT checkpoint to start from (default: <out_dir>/sft.pt)"})
+    init_from: str = field(default="", metadata={"help": "the SFT checkpoint to start from "
+                                                         "(default: <out_dir>/sft.pt)"})
     data: str = field(default="", metadata={"help": "preference JSONL to train on instead of sampling "
                                                     "(prompt/chosen/rejected or prompt/completions/ranking lines)"})
     score: list[str] = field(default_factory=list, metadata={"help": "PROMPT RESPONSE: print the reward "
@@ -51,20 +52,28 @@ class Config:
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or mps"})
     seed: int = field(default=1337, metadata={"help": "seed of the sampling, the held-out split and training"})
     # the comparisons
-    samples_per_prompt: int = field(default=4, metadata={"help": "K: completions sampled per prompt (InstructGPT used 4 to 9)"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature: high enough that the K completions differ in quality"})
-    max_new_tokens: int = field(default=128, metadata={"help": "longest sampled completion, in tokens (rlhf.py samples up to 128 too)"})
+    samples_per_prompt: int = field(default=4, metadata={"help": "K: completions sampled per prompt "
+                                                                 "(InstructGPT used 4 to 9)"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature: high enough that the K "
+                                                              "completions differ in quality"})
+    max_new_tokens: int = field(default=128, metadata={"help": "longest sampled completion, in tokens "
+                                                               "(rlhf.py samples up to 128 too)"})
     max_prompts: int = field(default=0, metadata={"help": "use only the first N prompts (0: all of them)"})
-    heldout_fraction: float = field(default=0.2, metadata={"help": "share of prompts kept out of training to evaluate on"})
+    heldout_fraction: float = field(default=0.2, metadata={"help": "share of prompts kept out of training "
+                                                                   "to evaluate on"})
     # training
     max_iters: int = field(default=80, metadata={"help": "training steps (80 x 16 prompts is about 8 epochs of the "
-                                                      "comparisons; more only overfits them)"})
-    prompts_per_step: int = field(default=16, metadata={"help": "prompts per step; all K completions of a prompt go in together"})
-    learning_rate: float = field(default=1e-4, metadata={"help": "peak learning rate (warmup, then cosine decay to a tenth)"})
+                                                         "comparisons; more only overfits them)"})
+    prompts_per_step: int = field(default=16, metadata={"help": "prompts per step; all K completions of a "
+                                                                "prompt go in together"})
+    learning_rate: float = field(default=1e-4, metadata={"help": "peak learning rate (warmup, then cosine "
+                                                                 "decay to a tenth)"})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay on the matrices"})
-    center_penalty: float = field(default=0.01, metadata={"help": "weight of (mean reward)^2 in the loss: keeps rewards centred on 0"})
+    center_penalty: float = field(default=0.01, metadata={"help": "weight of (mean reward)^2 in the loss: "
+                                                                  "keeps rewards centred on 0"})
     eval_interval: int = field(default=10, metadata={"help": "evaluate on the held-out prompts every N steps"})
-    examples: int = field(default=3, metadata={"help": "held-out prompts to print with their completions ranked by reward"})
+    examples: int = field(default=3, metadata={"help": "held-out prompts to print with their completions "
+                                                       "ranked by reward"})
     resume: bool = field(default=False, metadata={"help": "continue an interrupted run from <out_dir>/reward.pt"})
 
 
@@ -584,7 +593,8 @@ def main(config: Config) -> dict:
     metrics = {"comparisons/prompts": len(comparisons), "comparisons/tied_prompts": tied,
                "comparisons/train_prompts": len(train_set), "comparisons/heldout_prompts": len(heldout_set),
                "comparisons/heldout_pairs": heldout_pairs, "comparisons/skipped": skipped,
-               "steps": step, "interrupted": int(interrupted), "reward/offset_removed": offset, "train/loss": history["train_loss"][-1] if history["train_loss"] else float("nan")}
+               "steps": step, "interrupted": int(interrupted), "reward/offset_removed": offset,
+               "train/loss": history["train_loss"][-1] if history["train_loss"] else float("nan")}
     scores = None
     if heldout_set:
         result = evaluate(model, tokenizer, heldout_set)
