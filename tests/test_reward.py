@@ -19,6 +19,16 @@ from reward import (Comparison, Config, batch_loss, clear_pair_accuracy, main, p
                     spearman, spearman_within_prompts, write_comparisons)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: on the shared 2-core machine torch's two threads mostly wait for each
+    other (this file took 158 s with two threads, 5 s with one). Restored after the module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def reward_model(tmp_path, make_checkpoint):
     model, tokenizer, _ = load_model(make_checkpoint(tmp_path / "reward.pt", "reward"), stages="reward")
