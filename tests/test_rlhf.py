@@ -17,6 +17,16 @@ PROMPTS = ["What is the capital of Peru?", "What is 2 + 3?", "How many legs does
            "Write a story."]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a busy machine threads waiting for each
+    other cost up to 100x (tests/test_sft.py measured it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_config(tmp_path, **overrides):
     settings = dict(out_dir=str(tmp_path), device="cpu", max_iters=2, prompts_per_step=2,
                     samples_per_prompt=2, max_new_tokens=6, eval_tasks=4, diversity_prompts=2,
