@@ -26,7 +26,6 @@ import json
 import math
 import os
 import random
-import signal
 import sys
 import tempfile
 import time
@@ -38,8 +37,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from bpe import SPECIAL_TOKENS, Tokenizer, UsageError
-from model import (GPT, GPTConfig, Progress, atomic_path, autocast, choose_device, load_checkpoint,
-                   plot_curves, read_jsonl, run_cli, save_checkpoint, write_json)
+from model import (GPT, GPTConfig, Progress, StopRequest, atomic_path, autocast, choose_device,
+                   load_checkpoint, plot_curves, read_jsonl, run_cli, save_checkpoint, write_json)
 
 EOT = "<|endoftext|>"
 
@@ -506,32 +505,6 @@ def prepare_corpus_once(config, rank, world_size, device):
     if error:
         raise error
     return corpus
-
-
-class StopRequest:
-    """Ctrl-C asks training to stop after the current step (a step cut in half would leave the weights
-    half-updated); a second Ctrl-C stops at once."""
-
-    def __init__(self):
-        self.requested = False
-        self.previous = None
-
-    def __enter__(self):
-        try:
-            self.previous = signal.signal(signal.SIGINT, self.handle)
-        except ValueError:  # not the main thread (a notebook worker, say): Ctrl-C behaves as usual
-            self.previous = None
-        return self
-
-    def handle(self, number, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nstopping after this step (Ctrl-C again to abort without saving) ...", file=sys.stderr)
-
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
 
 
 # -----------------------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ Reads top to bottom: config, comparisons (sample and rank, or read), the reward 
 training loop, evaluation, save.
 """
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -31,10 +30,9 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn import functional as F
 
-from model import (GPT, GPTConfig, Progress, UsageError, atomic_path, autocast, chat_responses,
-                   choose_device, load_checkpoint, load_model, read_jsonl, render_chat, run_cli,
-                   save_checkpoint, set_seed, write_json)
-from pretrain import StopRequest   # Ctrl-C: finish the step, then save
+from model import (GPT, GPTConfig, Progress, StopRequest, UsageError, atomic_path, autocast, chat_responses,
+                   choose_device, load_checkpoint, load_model, one_thread_on_cpu, read_jsonl, render_chat,
+                   run_cli, save_checkpoint, set_seed, write_json)
 
 # -----------------------------------------------------------------------------------------------
 # Configuration
@@ -132,22 +130,6 @@ def sample_comparisons(model, tokenizer, world, prompts, samples_per_prompt, tem
         graded = [world.score(prompt, completion) for completion in completions]
         comparisons.append(rank_by_scores(prompt, completions, [s for s, _ in graded], [r for _, r in graded]))
     return comparisons
-
-
-@contextlib.contextmanager
-def one_thread_on_cpu(device):
-    """Generation is one small step at a time; on a CPU, splitting each small matrix product over
-    threads costs more in synchronisation than it gains (sample.py measured 4,200 vs 880 tokens/s;
-    here, sampling the comparisons took 7 s with one thread and 110 s with two, on a busy machine)."""
-    if str(device) != "cpu":
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def write_comparisons(path, comparisons):

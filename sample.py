@@ -28,7 +28,6 @@ retrieval, chain of thought); the report card; main.
 """
 
 import codecs
-import contextlib
 import json
 import math
 import os
@@ -43,8 +42,8 @@ import numpy as np
 import torch
 
 from bpe import UsageError, render_chat
-from model import (autocast, chat_responses, check_same_tokenizer, choose_device, load_checkpoint, load_model,
-                   run_cli, write_json, atomic_path)
+from model import (atomic_path, autocast, chat_responses, check_same_tokenizer, choose_device, load_checkpoint,
+                   load_model, one_thread_on_cpu, run_cli, write_json)
 
 CHAT_STAGES = ("sft", "rlhf")
 GENERATING_STAGES = ("pretrain", "sft", "rlhf")   # the reward model scores; it does not write
@@ -189,6 +188,11 @@ def sampling_from(config, temperature=None):
                     json_fields=(schema_fields(config.schema) if config.schema else []) if config.json else None)
 
 
+def answer_stops(tokenizer):
+    """An answer ends at <|end|>; <|endoftext|> too ends it, for a model that drifts back into documents."""
+    return [tokenizer.special_tokens["<|end|>"], tokenizer.special_tokens["<|endoftext|>"]]
+
+
 def generate_answers(model, tokenizer, prompts, sampling, stop_tokens, on_token=None, stats=None):
     """prompts: token ids ending where the answer starts. Returns each answer's token ids, without the
     stop token that ended it. on_token(index, token_id) streams every token as it comes, including the
@@ -311,14 +315,14 @@ def prepare_question(question, config, retriever=None):
 def chat_answers(model, tokenizer, questions, sampling, batch_size=64, stats=None):
     """Single-turn answers to many questions, in batches: like model.chat_responses, plus the tool
     and the JSON mask."""
-    end = tokenizer.special_tokens["<|end|>"]
     answers = []
     for start in range(0, len(questions), batch_size):
         rendered = [chat_prompt(tokenizer, [{"role": "user", "content": question}], model.config.block_size,
                                 sampling.max_new_tokens)[0] for question in questions[start:start + batch_size]]
         seeded = Sampling(**{**sampling.__dict__, "seed": None if sampling.seed is None else sampling.seed + start})
         answers += [tokenizer.decode(answer)
-                    for answer in generate_answers(model, tokenizer, rendered, seeded, [end], stats=stats)]
+                    for answer in generate_answers(model, tokenizer, rendered, seeded, answer_stops(tokenizer),
+                                                   stats=stats)]
     return answers
 
 
@@ -396,7 +400,7 @@ def chat(config, model, tokenizer, checkpoint, path, retriever):
         full_length = len(render_chat(tokenizer, messages, add_generation_prompt=True)[0])
         if full_length > len(ids):
             print(f"(your message alone is longer than the context: the model sees only its last {len(ids)} tokens)")
-        answer = generate_answers(model, tokenizer, [ids], sampling, [tokenizer.special_tokens["<|end|>"]],
+        answer = generate_answers(model, tokenizer, [ids], sampling, answer_stops(tokenizer),
                                   on_token=stream)[0]
         stream.finish()
         messages = messages + [{"role": "assistant", "content": tokenizer.decode(answer)}]
@@ -434,7 +438,7 @@ def answer_prompt(model, tokenizer, checkpoint, question, sampling, config, retr
     content = prepare_question(question, config, retriever)
     ids, _, dropped = chat_prompt(tokenizer, [{"role": "user", "content": content}], model.config.block_size,
                                   sampling.max_new_tokens)
-    answers = generate_answers(model, tokenizer, [ids] * num_samples, sampling, [tokenizer.special_tokens["<|end|>"]])
+    answers = generate_answers(model, tokenizer, [ids] * num_samples, sampling, answer_stops(tokenizer))
     return [tokenizer.decode(answer) for answer in answers]
 
 
@@ -485,8 +489,7 @@ def best_of_n(config, model, tokenizer, checkpoint, path, device, retriever):
     question = prepare_question(config.prompt, config, retriever)
     ids, _, _ = chat_prompt(tokenizer, [{"role": "user", "content": question}], model.config.block_size,
                             sampling.max_new_tokens)
-    end = tokenizer.special_tokens["<|end|>"]
-    answers = generate_answers(model, tokenizer, [ids] * config.best_of, sampling, [end])
+    answers = generate_answers(model, tokenizer, [ids] * config.best_of, sampling, answer_stops(tokenizer))
     answers = [tokenizer.decode(answer) for answer in answers]
     rewards = reward_scores(reward_model, tokenizer, [question] * len(answers), answers).tolist()
     best = max(range(len(answers)), key=lambda k: rewards[k])
@@ -1491,22 +1494,6 @@ def report_plot(path, stages, families, metrics):
 
 
 # -----------------------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def one_thread_on_cpu(device):
-    """Generation is one small step at a time; on a CPU, splitting each small matrix product over
-    several threads costs more in synchronisation than it gains. Measured on the shared 2-core
-    machine (busy), 0.96M-parameter model, batch 64: 4,200 tokens/s with one thread, 880 with two."""
-    if device != "cpu":
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
 
 def main(config: Config) -> dict:
     check_config(config)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import sample
-from model import Generation, load_model
+from model import Generation, load_model, one_thread_on_cpu
 from sample import (JsonPrefix, Retriever, Sampling, TfidfEmbedder, ModelEmbedder, calculate, calculator_result,
                     generate_answers, json_prefix_ok, split_chunks)
 
@@ -194,7 +194,7 @@ def test_constrained_sampling_always_parses(tmp_path, make_checkpoint, temperatu
     prompts = [tokenizer.encode(f"describe thing {k} as JSON") for k in range(4)]
     for seed in range(3):
         sampling = Sampling(max_new_tokens=24, temperature=temperature, top_k=top_k, seed=seed, json_fields=required)
-        with sample.one_thread_on_cpu("cpu"):   # as sample.main runs it (faster on a busy CPU)
+        with one_thread_on_cpu("cpu"):   # as sample.main runs it (faster on a busy CPU)
             answers = generate_answers(model, tokenizer, prompts, sampling, [end])
         for answer in answers:
             value = json.loads(tokenizer.decode(answer))
