@@ -516,7 +516,12 @@ def main(config: Config) -> dict:
     check_config(config)
     rank, world_size, device = start_processes(config.device)
     try:
-        return train(config, rank, world_size, device, started)
+        metrics = train(config, rank, world_size, device, started)
+        if world_size > 1:
+            # the other ranks wait until rank 0 has saved: a rank tearing down its connections while
+            # rank 0 still holds them aborts the process ("terminate called without an active exception")
+            dist.barrier()
+        return metrics
     finally:
         if world_size > 1:
             dist.destroy_process_group()
