@@ -79,7 +79,7 @@ class Config:
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (matrices only)"})
     grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0 = off)"})
     max_iters: int = field(default=5000, metadata={"help": "stop after this many optimizer steps"})
-    max_time: float = field(default=4.0, metadata={"help": "stop after this many minutes of training steps (0 = no "
+    max_time: float = field(default=5.5, metadata={"help": "stop after this many minutes of training steps (0 = no "
                                                            "limit; evaluations stop the clock); whichever of "
                                                            "max_iters and max_time comes first ends the run"})
     # evaluation

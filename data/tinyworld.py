@@ -355,6 +355,7 @@ class World:
         # ... and these only in the passages of SFT/reward/RL retrieval prompts: there the answer cannot be
         # remembered, so SFT really teaches reading the context (and leaks nothing of the retrieval-only facts).
         self.context_entities = invent_countries(rng, 40, taken)
+        self._taken = taken  # the reading pages of the corpus invent further countries, none of these
         self._index = self._question_index()
         self._candidates = self._candidate_patterns()
         self._tasks = self._documents = self._document_kinds = self._retrieval = self._shots = None
@@ -576,7 +577,7 @@ class World:
     # --- documents ------------------------------------------------------------------------------------
 
     def documents(self):
-        """The pretraining corpus: about 2.3 MB in 14,520 documents at scale 1 (no <|endoftext|> inside)."""
+        """The pretraining corpus: about 2.8 MB in 15,920 documents at scale 1 (no <|endoftext|> inside)."""
         if self._documents is None:
             self._documents, self._document_kinds = self._make_documents()
         return list(self._documents)
@@ -600,7 +601,8 @@ class World:
             ("animal entry", 1500, self._doc_animal), ("story", 2000, self._doc_story),
             ("list", 800, self._doc_list), ("quiz page", 750, self._doc_quiz), ("json records", 500, self._doc_json),
             ("sums", 4600, self._doc_sums), ("worked addition", 1700, self._doc_worked),
-            ("products", 600, self._doc_products),
+            ("products", 600, self._doc_products), ("reading page", 1000, self._doc_reading),
+            ("calculator log", 400, self._doc_calculator_log),
         ]
         documents = []
         for kind, count, make in plan:
@@ -728,6 +730,38 @@ class World:
         rows = [self._corpus_product(rng) for _ in range(rng.randint(3, 6))]
         header = rng.choice(["Multiplication results:", "Products of large numbers:", "From a calculator:"])
         return header + "\n" + "\n".join(f"{a} * {b} = {a * b}" for a, _, b in rows)
+
+    def _doc_reading(self, rng, number):
+        # Reading-comprehension pages about countries invented for this page alone: the answer is in the
+        # passages and nowhere else, so the only way to predict it is to find it there and copy it. They
+        # teach the layout of retrieval prompts. (They are not enough: at the default budget the small model
+        # does not learn to copy an invented name -- README's known limits.) Half the pages use the exact
+        # retrieval prompt layout, half a plain passage followed by a few questions.
+        invented = invent_countries(rng, rng.choice([1, 1, 2, 3]), self._taken)
+        known = rng.sample(self.countries + self.animals, rng.choice([0, 1, 1, 2]))
+        passages = [self._passage(rng, entity) for entity in invented + known]
+        rng.shuffle(passages)
+        asked = [(entity, attribute) for entity in invented for attribute in ("capital", "language", "continent")]
+        asked = rng.sample(asked, min(len(asked), rng.randint(1, 3)))
+
+        def question(entity, attribute):
+            train, held = QUESTIONS[attribute]
+            return fill(rng.choice(train + held), **entity.fields())
+        if number % 2 == 0:
+            entity, attribute = asked[0]
+            return context_prompt(passages, question(entity, attribute)) + "\nAnswer: " + answer_sentence(entity, attribute)
+        pairs = "\n\n".join(f"Question: {question(e, a)}\nAnswer: {answer_sentence(e, a)}" for e, a in asked)
+        return "Read the text, then answer.\n\n" + "\n".join(passages) + "\n\n" + pairs
+
+    def _doc_calculator_log(self, rng, number):
+        # Worked examples of using a calculator: copy the numbers from the question into the calculator,
+        # then copy its result into the answer (the shape of the tool calls SFT teaches with special tokens).
+        rows = []
+        for _ in range(rng.randint(2, 4)):
+            a, op, b = self._corpus_product(rng)
+            rows.append(f"Question: {fill(rng.choice(ARITHMETIC_QUESTIONS), a=a, op=op, b=b)}\n"
+                        f"Calculator: {a} * {b} -> {a * b}\nAnswer: {a} * {b} = {a * b}.")
+        return "Using a calculator\n\n" + "\n\n".join(rows)
 
     # --- retrieval, probes, few-shot ------------------------------------------------------------------
 
