@@ -8,7 +8,8 @@ learn on a laptop CPU in minutes *and* lets a program check every answer, so thi
 - 40 real countries (capital, continent, language) and 30 animals (legs, sound, food), each told in many
   phrasings across encyclopedia entries, stories, lists, quiz pages and JSON records;
 - small sums and differences, worked column-by-column additions, and products too large to do "in the
-  head" (the corpus shows their format, but a small model cannot compute them: that is the calculator's job);
+  head": the corpus shows them only as a calculator's output, repeated in an answer (a small model cannot
+  compute them, so it should learn to copy them; that is the calculator's job);
 - invented countries that exist only in a separate pile of documents, so questions about them can only be
   answered with retrieval;
 - an oracle, `World.score`, that grades any response to any prompt the world makes. It plays the human
@@ -601,8 +602,7 @@ class World:
             ("animal entry", 1500, self._doc_animal), ("story", 2000, self._doc_story),
             ("list", 800, self._doc_list), ("quiz page", 750, self._doc_quiz), ("json records", 500, self._doc_json),
             ("sums", 4600, self._doc_sums), ("worked addition", 1700, self._doc_worked),
-            ("products", 600, self._doc_products), ("reading page", 1000, self._doc_reading),
-            ("calculator log", 400, self._doc_calculator_log),
+            ("reading page", 1000, self._doc_reading), ("calculator log", 1000, self._doc_calculator_log),
         ]
         documents = []
         for kind, count, make in plan:
@@ -685,7 +685,8 @@ class World:
             return fill(rng.choice(ARITHMETIC_QUESTIONS), a=a, op=op, b=b), f"{a} {op} {b} = {compute(a, op, b)}."
         if roll < 0.93:
             a, op, b = self._corpus_product(rng)
-            return fill(rng.choice(ARITHMETIC_QUESTIONS), a=a, op=op, b=b), f"{a} * {b} = {a * b}."
+            return (fill(rng.choice(ARITHMETIC_QUESTIONS), a=a, op=op, b=b),
+                    f"Calculator: {a} * {b} -> {a * b}. So {a} * {b} = {a * b}.")
         entity = rng.choice(self.countries + self.animals)
         train, held = JSON_QUESTIONS
         return fill(rng.choice(train + held), x=entity.subject()), json.dumps(entity.record())
@@ -726,11 +727,6 @@ class World:
             if (a, "*", b) not in self._banned:
                 return a, "*", b
 
-    def _doc_products(self, rng, number):
-        rows = [self._corpus_product(rng) for _ in range(rng.randint(3, 6))]
-        header = rng.choice(["Multiplication results:", "Products of large numbers:", "From a calculator:"])
-        return header + "\n" + "\n".join(f"{a} * {b} = {a * b}" for a, _, b in rows)
-
     def _doc_reading(self, rng, number):
         # Reading-comprehension pages about countries invented for this page alone: the answer is in the
         # passages and nowhere else, so the only way to predict it is to find it there and copy it. They
@@ -756,6 +752,8 @@ class World:
     def _doc_calculator_log(self, rng, number):
         # Worked examples of using a calculator: copy the numbers from the question into the calculator,
         # then copy its result into the answer (the shape of the tool calls SFT teaches with special tokens).
+        # These are the corpus's only products (quiz pages aside, which also show the calculator): were
+        # there bare "a * b = P" lines, the model would learn to guess P, and a guess competes with the copy.
         rows = []
         for _ in range(rng.randint(2, 4)):
             a, op, b = self._corpus_product(rng)
