@@ -56,7 +56,10 @@ class Config:
                                                               "completions differ in quality"})
     max_new_tokens: int = field(default=128, metadata={"help": "longest sampled completion, in tokens "
                                                                "(rlhf.py samples up to 128 too)"})
-    max_prompts: int = field(default=0, metadata={"help": "use only the first N prompts (0: all of them)"})
+    max_prompts: int = field(default=0, metadata={"help": "use only the first N prompts of each split (0: all of them)"})
+    sft_prompts: bool = field(default=True, metadata={"help": "also rank samples for the SFT split's prompts "
+                                                              "(4x the comparisons; for training only: the held-out "
+                                                              "prompts all come from the reward split)"})
     heldout_fraction: float = field(default=0.2, metadata={"help": "share of prompts kept out of training "
                                                                    "to evaluate on"})
     # training
@@ -187,12 +190,13 @@ def _ranking_record(where, prompt, record):
     return Comparison(prompt, completions, ranking, scores, reasons)
 
 
-def split_heldout(comparisons, fraction, seed):
-    """Hold out whole prompts (not pairs), so evaluation is on prompts the reward model never saw."""
-    order = list(range(len(comparisons)))
-    random.Random(seed).shuffle(order)
-    count = int(round(len(order) * fraction)) if len(order) > 1 else 0
-    heldout = set(order[:count])
+def split_heldout(comparisons, fraction, seed, train_only=frozenset()):
+    """Hold out whole prompts (not pairs), so evaluation is on prompts the reward model never saw.
+    Prompts in `train_only` (the SFT split's, which SFT trained on) are never held out."""
+    candidates = [i for i, c in enumerate(comparisons) if c.prompt not in train_only]
+    random.Random(seed).shuffle(candidates)
+    count = int(round(len(candidates) * fraction)) if len(candidates) > 1 else 0
+    heldout = set(candidates[:count])
     train = [c for i, c in enumerate(comparisons) if i not in heldout]
     evaluate = [c for i, c in enumerate(comparisons) if i in heldout]
     return train, evaluate
@@ -496,6 +500,9 @@ def main(config: Config) -> dict:
         world = World()
         prompts = [task.prompt for task in world.tasks("reward")]
         prompts = prompts[:config.max_prompts] if config.max_prompts > 0 else prompts
+        if config.sft_prompts:
+            more = [task.prompt for task in world.tasks("sft")]
+            prompts += more[:config.max_prompts] if config.max_prompts > 0 else more
         print(f"sampling {config.samples_per_prompt} completions for each of {len(prompts)} prompts "
               f"at temperature {config.temperature} ...")
         comparisons = sample_comparisons(sft_model, tokenizer, world, prompts, config.samples_per_prompt,
@@ -503,7 +510,11 @@ def main(config: Config) -> dict:
         sampling_seconds = time.time() - start
         write_comparisons(comparisons_path, comparisons)
         print(f"wrote {comparisons_path} in {sampling_seconds:.0f}s")
-    train_set, heldout_set = split_heldout(comparisons, config.heldout_fraction, config.seed)
+    train_only = frozenset()
+    if config.sft_prompts and not config.data:
+        from data.tinyworld import World
+        train_only = frozenset(task.prompt for task in World().tasks("sft"))
+    train_set, heldout_set = split_heldout(comparisons, config.heldout_fraction, config.seed, train_only)
     train_set = [c for c in train_set if c.pairs()]   # all tied: nothing to learn from
     tied = sum(1 for c in comparisons if not c.pairs())
     if not train_set:

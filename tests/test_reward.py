@@ -16,7 +16,7 @@ from bpe import UsageError
 from model import load_checkpoint, load_model, parse_config
 from reward import (Comparison, Config, batch_loss, clear_pair_accuracy, main, pad_batch, pairwise_loss,
                     rank_by_scores, read_preferences, reward_input_ids, reward_scores, sample_comparisons,
-                    spearman, spearman_within_prompts, write_comparisons)
+                    spearman, spearman_within_prompts, split_heldout, write_comparisons)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -304,3 +304,16 @@ def test_spearman_within_prompts_averages_each_prompts_own_order():
     rewards = torch.tensor([3.0, 2.0, 1.0, 5.0, -5.0, 0.0, 9.0])   # p in order, q reversed
     assert spearman_within_prompts(comparisons, rewards) == pytest.approx(0.0)
     assert spearman_within_prompts(comparisons[:1], rewards) == pytest.approx(1.0)
+
+
+def test_prompts_marked_train_only_are_never_held_out():
+    """--sft_prompts adds comparisons for prompts SFT trained on: they may be trained on, never held out,
+    and the held-out share is taken of the other prompts only (so it is the same with or without them)."""
+    reward_prompts = [Comparison(f"r{i}", ["a", "b"], [0, 1]) for i in range(20)]
+    sft_prompts = [Comparison(f"s{i}", ["a", "b"], [0, 1]) for i in range(60)]
+    everything = reward_prompts + sft_prompts
+    train, heldout = split_heldout(everything, 0.2, seed=3, train_only=frozenset(c.prompt for c in sft_prompts))
+    assert len(heldout) == 4 and all(c.prompt.startswith("r") for c in heldout)
+    assert len(train) == 76 and all(c in train for c in sft_prompts)
+    _, heldout_alone = split_heldout(reward_prompts, 0.2, seed=3)
+    assert [c.prompt for c in heldout] == [c.prompt for c in heldout_alone]
