@@ -61,7 +61,7 @@ class Config:
     warmup_iters: int = field(default=20, metadata={"help": "linear warmup steps, then cosine decay to 10%"})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (matrices only)"})
     grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0 = off)"})
-    pretrain_mix: int = field(default=16, metadata={"help": "rows of pretraining text trained on in every step "
+    pretrain_mix: int = field(default=32, metadata={"help": "rows of pretraining text trained on in every step "
                                                             "alongside the conversations (0 = plain SFT)"})
     pretrain_mix_length: int = field(default=64, metadata={"help": "tokens per pretraining-mix row"})
     pretrain_mix_coef: float = field(default=1.0, metadata={"help": "weight of the pretraining-mix loss"})
