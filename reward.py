@@ -47,7 +47,7 @@ class Config:
                                                     "(prompt/chosen/rejected or prompt/completions/ranking lines)"})
     score: list[str] = field(default_factory=list, metadata={"help": "PROMPT RESPONSE: print the reward "
                                                                      "<out_dir>/reward.pt gives this response, then exit"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or mps"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N or mps"})
     seed: int = field(default=1337, metadata={"help": "seed of the sampling, the held-out split and training"})
     # the comparisons
     samples_per_prompt: int = field(default=4, metadata={"help": "K: completions sampled per prompt "

@@ -53,7 +53,7 @@ class Config:
                                                          "(default: <out_dir>/sft.pt)"})
     reward_model: str = field(default="", metadata={"help": "the frozen reward model (default: <out_dir>/reward.pt)"})
     data: str = field(default="", metadata={"help": "dpo: preference JSONL (default: <out_dir>/comparisons.jsonl)"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or mps"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N or mps"})
     seed: int = field(default=1337, metadata={"help": "seed of prompt order, sampling and evaluation"})
     max_iters: int = field(default=0, metadata={
         "help": "training steps: a batch of samples (reinforce: one update; ppo: ppo_epochs x ppo_minibatches "
