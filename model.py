@@ -884,12 +884,24 @@ def plot_curves(path, panels):
 
 # --- Chat -------------------------------------------------------------------------------------
 
+def answer_stops(tokenizer):
+    """The tokens that end an assistant's answer: <|end|>, and <|endoftext|> from a model that drifts
+    back into writing documents."""
+    return (tokenizer.special_tokens["<|end|>"], tokenizer.special_tokens["<|endoftext|>"])
+
+
+def by_length(sequences, rows):
+    """Groups of at most `rows` indices of sequences of similar length: a batch is as long as its longest
+    row, so grouping long with long and short with short wastes less work on padding."""
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    return [order[start:start + rows] for start in range(0, len(order), rows)]
+
+
 def chat_responses(model, tokenizer, prompts, temperature=0.0, max_new_tokens=128, seed=None,
                    batch_size=64, top_k=None, top_p=None):
-    """Answer each prompt as a one-turn chat; returns the assistant's text (up to its <|end|>, or an
-    <|endoftext|> from a model that drifts back into writing documents).
+    """Answer each prompt as a one-turn chat; returns the assistant's text (up to its answer_stops).
     Prompts too long for the context keep their last tokens (the question is at the end)."""
-    stops = (tokenizer.special_tokens["<|end|>"], tokenizer.special_tokens["<|endoftext|>"])
+    stops = answer_stops(tokenizer)
     keep = max(model.config.block_size - max_new_tokens, 1)
     rendered = []
     for prompt in prompts:

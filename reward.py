@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn import functional as F
 
-from model import (GPT, GPTConfig, Progress, StopRequest, UsageError, atomic_path, autocast, chat_responses,
-                   choose_device, load_checkpoint, load_model, one_thread_on_cpu, read_jsonl, render_chat,
-                   run_cli, save_checkpoint, set_seed, write_json)
+from model import (GPT, GPTConfig, Progress, StopRequest, UsageError, atomic_path, autocast, by_length,
+                   chat_responses, choose_device, load_checkpoint, load_model, one_thread_on_cpu, read_jsonl,
+                   render_chat, run_cli, save_checkpoint, set_seed, write_json)
 
 # -----------------------------------------------------------------------------------------------
 # Configuration
@@ -316,10 +316,11 @@ def batch_loss(model, comparisons, tokenizer, config, device, rows_per_pass=16):
     not the whole step (this halves the work here). The loss does not care about row order, so the
     rows stay sorted."""
     sequences, groups, levels = comparison_rows(comparisons, tokenizer, model.config.block_size)
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    passes = by_length(sequences, rows_per_pass)
+    order = [i for rows in passes for i in rows]
     pieces = []
-    for start in range(0, len(order), rows_per_pass):
-        idx, positions = pad_batch([sequences[i] for i in order[start:start + rows_per_pass]], device)
+    for rows in passes:
+        idx, positions = pad_batch([sequences[i] for i in rows], device)
         with autocast(device):
             pieces.append(model.scalar(idx, positions).float())
     rewards = torch.cat(pieces)
@@ -488,6 +489,18 @@ def main(config: Config) -> dict:
     # --- comparisons: sampled from the SFT model and ranked by the oracle, or read from --data
     sft_model, tokenizer, _ = load_model(sft_path, stages="sft", device=device)
     sampling_seconds, skipped = 0.0, 0
+    # The world's prompts: its reward split and, with --sft_prompts, its SFT split, whose comparisons are
+    # trained on but never held out (SFT has seen those prompts)
+    world, prompts, train_only = None, [], frozenset()
+    if not config.data:
+        from data.tinyworld import World
+        world = World()
+
+        def first_prompts(split):
+            found = [task.prompt for task in world.tasks(split)]
+            return found[:config.max_prompts] if config.max_prompts > 0 else found
+        sft_prompts = first_prompts("sft") if config.sft_prompts else []
+        prompts, train_only = first_prompts("reward") + sft_prompts, frozenset(sft_prompts)
     if config.data:
         comparisons, skipped = read_preferences(config.data)
         print(f"read {len(comparisons)} comparisons from {config.data}"
@@ -496,13 +509,6 @@ def main(config: Config) -> dict:
         comparisons, _ = read_preferences(comparisons_path)   # the very comparisons the run started with
         print(f"resume: read {len(comparisons)} comparisons from {comparisons_path}")
     else:
-        from data.tinyworld import World
-        world = World()
-        prompts = [task.prompt for task in world.tasks("reward")]
-        prompts = prompts[:config.max_prompts] if config.max_prompts > 0 else prompts
-        if config.sft_prompts:
-            more = [task.prompt for task in world.tasks("sft")]
-            prompts += more[:config.max_prompts] if config.max_prompts > 0 else more
         print(f"sampling {config.samples_per_prompt} completions for each of {len(prompts)} prompts "
               f"at temperature {config.temperature} ...")
         comparisons = sample_comparisons(sft_model, tokenizer, world, prompts, config.samples_per_prompt,
@@ -510,10 +516,6 @@ def main(config: Config) -> dict:
         sampling_seconds = time.time() - start
         write_comparisons(comparisons_path, comparisons)
         print(f"wrote {comparisons_path} in {sampling_seconds:.0f}s")
-    train_only = frozenset()
-    if config.sft_prompts and not config.data:
-        from data.tinyworld import World
-        train_only = frozenset(task.prompt for task in World().tasks("sft"))
     train_set, heldout_set = split_heldout(comparisons, config.heldout_fraction, config.seed, train_only)
     train_set = [c for c in train_set if c.pairs()]   # all tied: nothing to learn from
     tied = sum(1 for c in comparisons if not c.pairs())

@@ -35,9 +35,9 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from model import (Progress, UsageError, autocast, chat_responses, check_same_tokenizer, choose_device,
-                   load_checkpoint, load_model, plot_curves, render_chat, run_cli, save_checkpoint, set_seed,
-                   write_json)
+from model import (Progress, UsageError, autocast, by_length, chat_responses, check_same_tokenizer,
+                   choose_device, load_checkpoint, load_model, plot_curves, render_chat, run_cli, save_checkpoint,
+                   set_seed, write_json)
 
 # -----------------------------------------------------------------------------------------------
 # Configuration
@@ -94,7 +94,7 @@ class Config:
                                                           "or to train a finished run for more steps)"})
 
 
-# Steps per algorithm (reinforce: about 3.5 minutes on a 2-core laptop CPU). A ppo step makes
+# Steps per algorithm (reinforce: about 3 minutes on a 2-core laptop CPU). A ppo step makes
 # ppo_epochs x ppo_minibatches = 8 updates from its samples, and takes twice a reinforce step's time;
 # measured: at 80 steps ppo had optimised the reward model's flaws (its reward up, the oracle's score
 # of held-out samples below SFT's), at 40 not yet. A dpo step samples nothing and is cheap.
@@ -137,13 +137,6 @@ def pad_sequences(sequences, action_masks, device):
         idx[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
         mask[row, :len(ids)] = torch.tensor(chosen, dtype=torch.float32)
     return idx.to(device), mask[:, 1:].to(device)   # target t + 1 is predicted at position t
-
-
-def by_length(sequences, rows):
-    """Groups of at most `rows` indices of sequences of similar length: a batch is as long as its longest
-    row, so grouping long with long and short with short wastes less work on padding."""
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-    return [order[start:start + rows] for start in range(0, len(order), rows)]
 
 
 @torch.no_grad()

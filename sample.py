@@ -42,8 +42,8 @@ import numpy as np
 import torch
 
 from bpe import UsageError, render_chat
-from model import (atomic_path, autocast, chat_responses, check_same_tokenizer, choose_device, load_checkpoint,
-                   load_model, one_thread_on_cpu, run_cli, write_json)
+from model import (answer_stops, atomic_path, autocast, chat_responses, check_same_tokenizer, choose_device,
+                   load_checkpoint, load_model, one_thread_on_cpu, run_cli, write_json)
 
 CHAT_STAGES = ("sft", "rlhf")
 GENERATING_STAGES = ("pretrain", "sft", "rlhf")   # the reward model scores; it does not write
@@ -186,11 +186,6 @@ def sampling_from(config, temperature=None):
                     temperature=config.temperature if temperature is None else temperature,
                     top_k=config.top_k, top_p=config.top_p, seed=config.seed, tool=config.tool,
                     json_fields=(schema_fields(config.schema) if config.schema else []) if config.json else None)
-
-
-def answer_stops(tokenizer):
-    """An answer ends at <|end|>; <|endoftext|> too ends it, for a model that drifts back into documents."""
-    return [tokenizer.special_tokens["<|end|>"], tokenizer.special_tokens["<|endoftext|>"]]
 
 
 def generate_answers(model, tokenizer, prompts, sampling, stop_tokens, on_token=None, stats=None):
