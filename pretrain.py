@@ -523,7 +523,7 @@ def main(config: Config) -> dict:
             dist.barrier()
         return metrics
     finally:
-        if world_size > 1:
+        if dist.is_initialized():   # torchrun with one process initialises a group too
             dist.destroy_process_group()
 
 
