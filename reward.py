@@ -361,6 +361,41 @@ def evaluate(model, tokenizer, comparisons, batch_prompts=64):
     return {"loss": loss.item(), "accuracy": accuracy.item(), "pairs": pairs, "rewards": rewards}
 
 
+@torch.no_grad()
+def sft_logprob_rewards(sft_model, tokenizer, comparisons, batch_size=64):
+    """A reward with no training at all, to measure the trained one against: the SFT model's mean
+    log-probability per token of each response (the tokens SFT trains on). A sampled wrong answer is
+    usually a token the SFT model thought unlikely, so this already ranks many pairs right; a reward
+    model initialised from the same weights has that knowledge inside it, and has to learn to read it
+    out at the reward token."""
+    device = next(sft_model.parameters()).device
+    rendered = [render_chat(tokenizer, [{"role": "user", "content": c.prompt}, {"role": "assistant", "content": text}])
+                for c in comparisons for text in c.completions]
+    rendered = [(ids[-sft_model.config.block_size:], mask[-sft_model.config.block_size:]) for ids, mask in rendered]
+    rewards = torch.zeros(len(rendered))
+    for rows in by_length([ids for ids, _ in rendered], batch_size):
+        idx, _ = pad_batch([rendered[i][0] for i in rows], device)
+        mask = torch.zeros(idx.shape, device=device)
+        for row, i in enumerate(rows):
+            mask[row, :len(rendered[i][1])] = torch.tensor(rendered[i][1], dtype=torch.float, device=device)
+        with autocast(device):
+            logits, _ = sft_model(idx)
+        logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, idx[:, 1:, None])[..., 0]
+        trained = mask[:, 1:]   # the position that predicts token t + 1 is scored if t + 1 is trained on
+        rewards[torch.tensor(rows)] = ((logprobs * trained).sum(1) / trained.sum(1).clamp(min=1)).cpu()
+    return rewards
+
+
+def logprob_baseline(sft_model, tokenizer, comparisons):
+    """Pairwise accuracy and Spearman correlation with the oracle of sft_logprob_rewards."""
+    rewards = sft_logprob_rewards(sft_model, tokenizer, comparisons)
+    groups = torch.tensor([g for g, c in enumerate(comparisons) for _ in c.completions])
+    levels = torch.tensor([level for c in comparisons for level in c.levels()])
+    _, accuracy, _ = pairwise_loss(rewards, groups, levels)
+    return {"baseline/sft_logprob_pairwise_accuracy": accuracy.item(),
+            "baseline/sft_logprob_spearman": spearman(rewards, [s for c in comparisons for s in c.scores])}
+
+
 def clear_pair_accuracy(comparisons, rewards, gap=0.5):
     """Accuracy on the pairs whose oracle scores differ by at least `gap`: a right answer against
     a wrong one, rather than two kinds of wrong (partial credit). Returns (accuracy, pairs)."""
@@ -527,6 +562,14 @@ def main(config: Config) -> dict:
           f"{sum(len(c.pairs()) for c in train_set)} ordered pairs; held out {len(heldout_set)} prompts, "
           f"{heldout_pairs} pairs")
 
+    # --- the baseline to beat: the SFT model's own log-probability of each held-out response
+    baseline = {}
+    if heldout_pairs and all(c.scores is not None for c in heldout_set):
+        baseline = logprob_baseline(sft_model, tokenizer, heldout_set)
+        print(f"baseline, no training: the SFT model's mean log-probability of a response orders "
+              f"{baseline['baseline/sft_logprob_pairwise_accuracy']:.1%} of the held-out pairs right "
+              f"(Spearman with the oracle {baseline['baseline/sft_logprob_spearman']:.2f})")
+
     # --- the reward model
     model = reward_model_from_sft(sft_model).to(device)
     del sft_model
@@ -604,6 +647,7 @@ def main(config: Config) -> dict:
             metrics.update({"heldout/pairwise_accuracy_clear": accuracy, "comparisons/heldout_clear_pairs": count})
         print("\n".join(show_examples(heldout_set, rewards, config.examples)))
         save_plot(os.path.join(config.out_dir, "reward.png"), history, rewards, scores)
+    metrics.update(baseline)
     metrics.update({"sampling_seconds": round(sampling_seconds, 1), "seconds": round(time.time() - start, 1)})
 
     # --- save

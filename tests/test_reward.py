@@ -317,3 +317,19 @@ def test_prompts_marked_train_only_are_never_held_out():
     assert len(train) == 76 and all(c in train for c in sft_prompts)
     _, heldout_alone = split_heldout(reward_prompts, 0.2, seed=3)
     assert [c.prompt for c in heldout] == [c.prompt for c in heldout_alone]
+
+
+def test_logprob_baseline_is_the_mean_log_probability_of_the_response(tmp_path, make_checkpoint):
+    from model import render_chat
+    from reward import sft_logprob_rewards
+    model, tokenizer, _ = load_model(make_checkpoint(tmp_path / "sft.pt", "sft"), stages="sft")
+    comparisons = [Comparison(prompt, [response, response + " More."], [0, 1]) for prompt, response in PAIRS]
+    batched = sft_logprob_rewards(model, tokenizer, comparisons, batch_size=3)
+    # the reference, one conversation at a time: log p of each trained token given what comes before
+    for row, (comparison, text) in enumerate((c, t) for c in comparisons for t in c.completions):
+        ids, mask = render_chat(tokenizer, [{"role": "user", "content": comparison.prompt},
+                                            {"role": "assistant", "content": text}])
+        logits, _ = model(torch.tensor([ids]))
+        logprobs = torch.log_softmax(logits[0].double(), dim=-1)
+        scored = [logprobs[t - 1, ids[t]].item() for t in range(1, len(ids)) if mask[t]]
+        assert batched[row].item() == pytest.approx(sum(scored) / len(scored), abs=1e-4)
