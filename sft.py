@@ -14,10 +14,11 @@ Two details matter on a model this small:
     (measured: questions about entities known from pretraining only, 10% right without, 80% with).
 
 The talk's finetuning advice lives here too: `--lora_rank 8` trains small low-rank adapters while the
-GPT stays frozen, and `--base_precision int8` holds that frozen part in 8 bits.
+GPT stays frozen (they fit more slowly than the whole model: give them 800 steps), and
+`--base_precision int8` holds that frozen part in 8 bits.
 
     python sft.py --show_example                         # one conversation, with the trained tokens marked
-    python sft.py --lora_rank 8 --base_precision int8    # parameter-efficient finetuning
+    python sft.py --lora_rank 8 --max_iters 800 --base_precision int8   # parameter-efficient finetuning
     python sft.py --data my_chats.jsonl                  # your own {"messages": [...]} or {"prompt", "completion"}
 
 Read it top to bottom: configuration, data (conversations -> ids + loss mask -> batches; the pretraining
@@ -73,7 +74,7 @@ class Config:
     lora_layers: list[str] = field(default_factory=lambda: ["attn.c_attn", "attn.c_proj", "mlp.c_fc"],
                                    metadata={"help": "the block linears that get adapters (ends of their names in "
                                                      "model.py; mlp.c_proj too is possible)"})
-    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scale: the adapters' update is multiplied by alpha/rank"})
+    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA scale: the adapters' update is multiplied by alpha/rank"})
     base_precision: str = field(default="fp32", metadata={"help": "precision of the frozen base under LoRA",
                                                            "choices": ["fp32", "int8"]})
     eval_interval: int = field(default=50, metadata={"help": "steps between validation-loss measurements"})
