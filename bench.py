@@ -133,14 +133,15 @@ def bench_tokenizer(args):
 
 def bench_model(args):
     """Training tokens/s (forward + backward + AdamW step) and generation tokens/s (with and without
-    the KV cache, batch 1 and 16) for a tiny and a small GPT with random weights on this machine's
-    default device. Each figure is the best of a few repeats: a shared machine only ever slows a run
-    down, so the fastest repeat is the least disturbed one."""
+    the KV cache, batch 1 and 16) for a tiny and a small GPT with random weights, on the CPU. Each
+    figure is the best of a few repeats: a shared machine only ever slows a run down, so the fastest
+    repeat is the least disturbed one."""
+    import copy
     import time
 
     import torch
 
-    from model import GPT, GPTConfig
+    from model import GPT, GPTConfig, autocast
 
     repeats = 2 if args.quick else 3
     sizes = {"tiny": dict(n_layer=4, n_head=4, n_embd=128), "small": dict(n_layer=6, n_head=6, n_embd=384)}
@@ -161,26 +162,37 @@ def bench_model(args):
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, vocabulary 1024, random weights; "
           f"best of {repeats} repeats; load average {os.getloadavg()[0]:.1f} (other jobs slow every figure)")
     print("\ntraining: forward + backward + AdamW step, tokens/s")
+    # The first row of each model is how the stages train on a CPU (fp32, eager). The others show what
+    # torch.compile and bf16 autocast would add on this CPU (bf16 pays only where the CPU has bf16
+    # matrix instructions, e.g. AVX-512 BF16 or AMX); --quick skips them (compiling takes a while).
+    variants = [("fp32", False, False)] + ([] if args.quick else [("fp32, compiled", True, False),
+                                                                  ("bf16 autocast, compiled", True, True)])
     rows = []
     for name, context, batch in [("tiny", 64, 12), ("small", 256, 8)]:
-        torch.manual_seed(0)
-        model = GPT(GPTConfig(vocab_size=1024, block_size=context, **sizes[name]))
-        optimizer = model.configure_optimizer(learning_rate=1e-3)
-        x = torch.randint(0, 1024, (batch, context))
-        y = torch.randint(0, 1024, (batch, context))
-        steps = (5 if args.quick else 20) if name == "tiny" else (2 if args.quick else 6)
+        for label, compiled, bf16 in variants:
+            torch.manual_seed(0)
+            model = GPT(GPTConfig(vocab_size=1024, block_size=context, **sizes[name]))
+            optimizer = model.configure_optimizer(learning_rate=1e-3)
+            forward = torch.compile(model) if compiled else model
+            x = torch.randint(0, 1024, (batch, context))
+            y = torch.randint(0, 1024, (batch, context))
+            steps = (5 if args.quick else 20) if name == "tiny" else (2 if args.quick else 6)
 
-        def train():
-            for _ in range(steps):
-                _, loss = model(x, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+            def train():
+                for _ in range(steps):
+                    with autocast("cpu", "bfloat16" if bf16 else "float32"):
+                        _, loss = forward(x, y)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
 
-        rate = best_rate(train, steps * batch * context)
-        rows.append([f"{name} {sizes[name]['n_layer']}x{sizes[name]['n_embd']}", context, batch,
-                     f"{model.num_parameters():,}", f"{rate:,.0f}", f"{nanogpt[name]:,}", f"{rate / nanogpt[name]:.2f}x"])
-    print_table(["model", "context", "batch", "parameters", "tokens/s", "nanoGPT", "ratio"], rows)
+            if compiled:
+                train()  # the first call compiles
+            rate = best_rate(train, steps * batch * context)
+            rows.append([f"{name} {sizes[name]['n_layer']}x{sizes[name]['n_embd']}", label, context, batch,
+                         f"{model.num_parameters():,}", f"{rate:,.0f}", f"{nanogpt[name]:,}",
+                         f"{rate / nanogpt[name]:.2f}x"])
+    print_table(["model", "variant", "context", "batch", "parameters", "tokens/s", "nanoGPT", "ratio"], rows)
 
     print("\ngeneration: new tokens/s (all sequences together), greedy, prompts of 16 tokens")
     rows = []
@@ -201,6 +213,14 @@ def bench_model(args):
             rates[batch, new, cached] = rate
             target = f"HF {huggingface[name]} x1.5 = {1.5 * huggingface[name]:,.0f}" if (batch, new) == (1, 200) else ""
             rows.append([name, batch, new, "yes" if cached else "no", f"{rate:,.0f}", target])
+        if not args.quick:
+            # the same weights held in bf16: half the bytes to read per token, which is what batch-1
+            # decoding of the small model waits for (on a CPU with bf16 instructions)
+            half = copy.deepcopy(model).to(torch.bfloat16)
+            prompts = torch.randint(0, 1024, (1, 16)).tolist()
+            rate = best_rate(lambda: half.generate(prompts, 200, temperature=0), 200)
+            rows.append([name, 1, 200, "yes, bf16 weights", f"{rate:,.0f}",
+                         f"HF {huggingface[name]} x1.5 = {1.5 * huggingface[name]:,.0f}"])
         rows.append([name, "", "", "", f"cached/uncached {rates[1, 256, True] / rates[1, 256, False]:.1f}x", "target >= 5x"])
         rows.append([name, "", "", "", f"batch 16/batch 1 {rates[16, 256, True] / rates[1, 256, True]:.1f}x", "target >= 6x"])
     print_table(["model", "batch", "new tokens", "cache", "tokens/s", "target"], rows)

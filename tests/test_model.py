@@ -497,3 +497,13 @@ def test_logits_match_hugging_face_transformers(tmp_path):
     idx = torch.randint(0, 64, (2, 12))
     with torch.no_grad():
         assert torch.allclose(model(idx)[0], reference(idx).logits, atol=1e-5)
+
+
+def test_autocast_chooses_the_precision_of_matrix_products():
+    from model import autocast
+    x, w = torch.randn(4, 8), torch.randn(8, 8)
+    for device, dtype, expected in [("cpu", "auto", torch.float32), ("cpu", "float32", torch.float32),
+                                    ("cpu", "bfloat16", torch.bfloat16)]:
+        with autocast(device, dtype):
+            assert (x @ w).dtype == expected, (device, dtype)
+

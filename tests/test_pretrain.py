@@ -176,6 +176,15 @@ def test_loss_goes_down_and_outputs_are_written(corpus_file, tmp_path):
     assert (tmp_path / "pretrain.png").stat().st_size > 0
 
 
+def test_bfloat16_training_on_the_cpu_follows_float32(corpus_file, tmp_path):
+    # --dtype bfloat16 runs the matrix products in bf16 (weights stay fp32): a different path through
+    # every layer, which must still learn as well as full precision does
+    full = pretrain.main(tiny_config(corpus_file, tmp_path / "fp32", max_iters=30, eval_interval=10, dtype="float32"))
+    half = pretrain.main(tiny_config(corpus_file, tmp_path / "bf16", max_iters=30, eval_interval=10, dtype="bfloat16"))
+    assert half["val_loss"] != full["val_loss"]   # really a different computation
+    assert half["val_loss"] == pytest.approx(full["val_loss"], rel=0.05)
+
+
 def test_resume_retraces_the_uninterrupted_run(corpus_file, tmp_path):
     straight = tiny_config(corpus_file, tmp_path / "straight", max_iters=12, lr_decay_iters=12, eval_interval=4)
     pretrain.main(straight)
