@@ -205,6 +205,15 @@ def test_cached_greedy_equals_uncached_and_batched_equals_alone():
         assert with_cache.logprobs == pytest.approx(without.logprobs, abs=1e-4)
 
 
+def test_generation_with_bfloat16_weights_uses_the_cache_the_same_way():
+    # bench.py measures batch-1 decoding with the weights held in bf16 (half the bytes to read per
+    # token): the cache must then still give exactly what recomputing gives
+    model = lively_model().to(torch.bfloat16)
+    cached = model.generate(PROMPTS[:1], 12, temperature=0)[0]
+    uncached = model.generate(PROMPTS[:1], 12, temperature=0, use_cache=False)[0]
+    assert cached.tokens == uncached.tokens and len(set(cached.tokens)) > 3
+
+
 def test_each_sequence_stops_at_its_own_stop_token():
     model = lively_model()
     free = model.generate(PROMPTS, 12, temperature=0)
