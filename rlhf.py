@@ -86,6 +86,8 @@ class Config:
     # dpo
     dpo_beta: float = field(default=0.1, metadata={"help": "dpo: beta, the strength of the implicit KL leash"})
     dpo_batch_size: int = field(default=32, metadata={"help": "dpo: preference pairs per step"})
+    dpo_nll: float = field(default=0.0, metadata={"help": "dpo: weight of the chosen responses' language-"
+                                                          "modelling loss added to DPO's (0 = plain DPO)"})
     # evaluation
     eval_tasks: int = field(default=0, metadata={"help": "evaluate on the first N held-out tasks (0: all)"})
     diversity_prompts: int = field(default=48, metadata={
@@ -518,6 +520,10 @@ def dpo_step(policy, reference, optimizer, tokenizer, pairs, config):
     n = len(pairs)
     loss, chosen, rejected = dpo_loss(policy_logprobs[:n], policy_logprobs[n:],
                                       reference_logprobs[:n], reference_logprobs[n:], config.dpo_beta)
+    if config.dpo_nll > 0:
+        # DPO only asks that chosen rise relative to rejected, and often gets there by pushing both
+        # down; the chosen responses' own likelihood keeps them up (Pang et al. 2024)
+        loss = loss - config.dpo_nll * policy_logprobs[:n].sum() / mask[:n].sum()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     clip_gradients(policy, None, config.grad_clip)

@@ -135,6 +135,25 @@ def test_dpo_loss_is_log_2_at_the_start(policy_and_tokenizer):
     assert line["loss"] == pytest.approx(math.log(2), abs=1e-6)
 
 
+def test_dpo_nll_adds_the_chosen_responses_mean_token_loss(policy_and_tokenizer):
+    from model import render_chat
+    policy, tokenizer = policy_and_tokenizer
+    reference = rlhf.freeze(copy.deepcopy(policy))
+    optimizer = rlhf.make_optimizer(policy, None, rlhf.Config(learning_rate=0.0))   # lr 0: nothing moves
+    pairs = [(p, "Lima is the capital.", "I do not know.") for p in PROMPTS]
+    line = rlhf.dpo_step(policy, reference, optimizer, tokenizer, pairs, rlhf.Config(dpo_beta=0.1, dpo_nll=0.5))
+    # by hand: the chosen responses' log-probabilities, token by token, over the tokens SFT trains on
+    total, count = 0.0, 0
+    for prompt, chosen, _ in pairs:
+        ids, mask = render_chat(tokenizer, [{"role": "user", "content": prompt}, {"role": "assistant", "content": chosen}])
+        with torch.no_grad():
+            logits, _ = policy(torch.tensor([ids]))
+        logprobs = torch.log_softmax(logits[0].double(), dim=-1)
+        total += sum(logprobs[t - 1, ids[t]].item() for t in range(1, len(ids)) if mask[t])
+        count += sum(mask[1:])
+    assert line["loss"] == pytest.approx(math.log(2) - 0.5 * total / count, abs=1e-4)
+
+
 def test_diversity_counts():
     distinct, distinct_2 = rlhf.diversity([[1, 2, 3], [1, 2, 3], [4, 5], [6, 7]], samples_per_prompt=2)
     # prompt 1: one distinct of two, 2-grams (1,2),(2,3) twice -> 2/4; prompt 2: 2/2 and 2/2
