@@ -80,6 +80,9 @@ class Config:
     eval_interval: int = field(default=50, metadata={"help": "steps between validation-loss measurements"})
     eval_limit: int = field(default=0, metadata={"help": "evaluate on at most this many held-out prompts (0 = all)"})
     eval_max_new_tokens: int = field(default=96, metadata={"help": "longest answer generated in evaluation"})
+    reading_practice: int = field(default=0, metadata={"help": "add N retrieval-layout conversations, each about a "
+                                                               "country invented for it alone, to the tiny world's "
+                                                               "SFT pairs (3000 with --max_iters 800: retrieval 0% -> 50%)"})
     skip_base_eval: bool = field(default=False, metadata={"help": "do not evaluate the base model few-shot"})
     resume: bool = field(default=False, metadata={"help": "continue an interrupted run from <out_dir>/sft.pt"})
     show_example: bool = field(default=False, metadata={"help": "print one rendered conversation with its "
@@ -89,10 +92,12 @@ class Config:
 # -----------------------------------------------------------------------------------------------
 # Data: conversations -> (ids, loss mask) -> padded batches
 
-def world_conversations(world):
-    """The tiny world's SFT pairs as one-turn conversations: the user's prompt, the ideal answer."""
+def world_conversations(world, reading_practice=0):
+    """The tiny world's SFT pairs as one-turn conversations: the user's prompt, the ideal answer; plus
+    `reading_practice` retrieval-layout tasks about countries invented for each one alone."""
+    tasks = world.tasks("sft") + (world.reading_practice(reading_practice) if reading_practice > 0 else [])
     return [[{"role": "user", "content": task.prompt}, {"role": "assistant", "content": task.answer}]
-            for task in world.tasks("sft")]
+            for task in tasks]
 
 
 def _as_messages(value, role, where, key):
@@ -621,7 +626,8 @@ def main(config: Config) -> dict:
     # --- data ---
     from data.tinyworld import World
     world = World(**world_arguments(base_checkpoint))   # the prompts we evaluate on, and the default data
-    conversations = jsonl_conversations(config.data) if config.data else world_conversations(world)
+    conversations = (jsonl_conversations(config.data) if config.data
+                     else world_conversations(world, config.reading_practice))
     if config.show_example:   # the first conversation, and the first with a tool call if there is one
         tool_calls = [c for c in conversations if any("<|result|>" in m["content"] for m in c)]
         for messages in [conversations[0]] + tool_calls[:1]:

@@ -575,6 +575,26 @@ class World:
                 tasks["eval"].append(self._fact_task(entity, attribute, rng.choice(QUESTIONS[attribute][0]),
                                                      "eval", True, family="retrieval"))
 
+    def reading_practice(self, count):
+        """`count` more SFT tasks in the retrieval layout, each about a country invented for it alone
+        (never one of the 40 context countries, the retrieval-only ones or the corpus's). The SFT split's
+        own retrieval tasks recur over 40 countries, few enough to memorise; a country met once can only
+        be answered by reading its passage. Deterministic for a given world."""
+        rng = random.Random(f"tinyworld:{self.seed}:reading-practice")
+        self.documents()   # the corpus's reading pages claim their names first
+        taken = set(self._taken) | {e.name.lower() for e in self.retrieval_entities + self.context_entities}
+        fresh = invent_countries(rng, count, taken)
+        tasks = []
+        for entity in fresh:
+            attribute = rng.choice([a for a, _ in entity.facts])
+            others = rng.sample([e for e in fresh + self.sft_entities if e is not entity], rng.choice([0, 1, 2, 2]))
+            passages = [self._passage(rng, e) for e in [entity] + others]
+            rng.shuffle(passages)
+            question = fill(rng.choice(QUESTIONS[attribute][0]), **entity.fields())
+            tasks.append(Task("retrieval", context_prompt(passages, question), answer_sentence(entity, attribute),
+                              "sft", False, entity.name, entity.fact(attribute)))
+        return tasks
+
     # --- documents ------------------------------------------------------------------------------------
 
     def documents(self):

@@ -117,6 +117,20 @@ def test_retrieval_facts_are_absent_from_the_corpus_and_training(world):
             assert task.heldout and task.key in retrieval and task.key not in corpus
 
 
+def test_reading_practice_is_about_countries_met_nowhere_else(world):
+    practice = world.reading_practice(100)
+    assert len(practice) == 100 and practice == world.reading_practice(100)   # deterministic
+    assert len({task.entity for task in practice}) == 100                    # each country once
+    elsewhere = "\n".join(world.documents() + world.retrieval_documents()
+                          + [task.prompt for split in SPLITS for task in world.tasks(split)])
+    for task in practice:
+        assert task.family == "retrieval" and task.split == "sft"
+        assert re.search(rf"\b{task.entity}\b", elsewhere) is None, task.entity
+        passages, question = task.prompt.split("\nQuestion: ")
+        assert task.entity in question and task.key in passages   # the answer can be read, not remembered
+        assert task.answer.endswith(f"{task.key}.")
+
+
 def test_every_ideal_answer_scores_one(world):
     for split in SPLITS:
         for task in world.tasks(split):

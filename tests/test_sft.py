@@ -282,3 +282,10 @@ def test_resume_after_ctrl_c_gives_the_uninterrupted_model(make_checkpoint, tmp_
         assert torch.allclose(parts["model"][name], tensor, atol=1e-6), name
     with pytest.raises(UsageError, match="nothing to resume"):
         sft.main(tiny_config(tmp_path / "parts", resume=True, **settings))
+
+
+def test_reading_practice_adds_conversations_to_the_world_pairs(world):
+    plain = sft.world_conversations(world)
+    practised = sft.world_conversations(world, reading_practice=7)
+    assert practised[:len(plain)] == plain and len(practised) == len(plain) + 7
+    assert all(c[0]["content"].startswith("Answer using the passages below.") for c in practised[len(plain):])
