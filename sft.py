@@ -82,7 +82,7 @@ class Config:
     eval_max_new_tokens: int = field(default=96, metadata={"help": "longest answer generated in evaluation"})
     reading_practice: int = field(default=0, metadata={"help": "add N retrieval-layout conversations, each about a "
                                                                "country invented for it alone, to the tiny world's "
-                                                               "SFT pairs (3000 with --max_iters 800: retrieval 0% -> 50%)"})
+                                                               "SFT pairs (3000 with --max_iters 800: retrieval 0% -> 40%)"})
     skip_base_eval: bool = field(default=False, metadata={"help": "do not evaluate the base model few-shot"})
     resume: bool = field(default=False, metadata={"help": "continue an interrupted run from <out_dir>/sft.pt"})
     show_example: bool = field(default=False, metadata={"help": "print one rendered conversation with its "
@@ -607,7 +607,7 @@ def check_config(config):
     for name in ("max_iters", "batch_size", "eval_interval", "pretrain_mix_length"):
         if getattr(config, name) <= 0:
             raise UsageError(f"--{name} must be positive, got {getattr(config, name)}")
-    for name in ("pretrain_mix", "lora_rank", "warmup_iters", "eval_limit", "max_time"):
+    for name in ("pretrain_mix", "lora_rank", "warmup_iters", "eval_limit", "max_time", "reading_practice"):
         if getattr(config, name) < 0:
             raise UsageError(f"--{name} must not be negative, got {getattr(config, name)}")
 
