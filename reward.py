@@ -368,16 +368,18 @@ def sft_logprob_rewards(sft_model, tokenizer, comparisons, batch_size=64):
     usually a token the SFT model thought unlikely, so this already ranks many pairs right; a reward
     model initialised from the same weights has that knowledge inside it, and has to learn to read it
     out at the reward token."""
-    device = next(sft_model.parameters()).device
-    rendered = [render_chat(tokenizer, [{"role": "user", "content": c.prompt}, {"role": "assistant", "content": text}])
-                for c in comparisons for text in c.completions]
-    rendered = [(ids[-sft_model.config.block_size:], mask[-sft_model.config.block_size:]) for ids, mask in rendered]
-    rewards = torch.zeros(len(rendered))
-    for rows in by_length([ids for ids, _ in rendered], batch_size):
-        idx, _ = pad_batch([rendered[i][0] for i in rows], device)
-        mask = torch.zeros(idx.shape, device=device)
-        for row, i in enumerate(rows):
-            mask[row, :len(rendered[i][1])] = torch.tensor(rendered[i][1], dtype=torch.float, device=device)
+    device, block_size = next(sft_model.parameters()).device, sft_model.config.block_size
+    sequences, masks = [], []
+    for comparison in comparisons:
+        for text in comparison.completions:
+            ids, mask = render_chat(tokenizer, [{"role": "user", "content": comparison.prompt},
+                                                {"role": "assistant", "content": text}])
+            sequences.append(ids[-block_size:])
+            masks.append(mask[-block_size:])
+    rewards = torch.zeros(len(sequences))
+    for rows in by_length(sequences, batch_size):
+        idx, _ = pad_batch([sequences[i] for i in rows], device)
+        mask, _ = pad_batch([masks[i] for i in rows], device)   # padded with 0: not trained on
         with autocast(device):
             logits, _ = sft_model(idx)
         logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, idx[:, 1:, None])[..., 0]
