@@ -58,10 +58,10 @@ class Config:
                                                                "(rlhf.py samples up to 128 too)"})
     max_prompts: int = field(default=0, metadata={"help": "use only the first N prompts of each split (0: all of them)"})
     sft_prompts: bool = field(default=True, metadata={"help": "also rank samples for the SFT split's prompts "
-                                                              "(4x the comparisons; for training only: the held-out "
-                                                              "prompts all come from the reward split)"})
-    heldout_fraction: float = field(default=0.2, metadata={"help": "share of prompts kept out of training "
-                                                                   "to evaluate on"})
+                                                              "(4x the comparisons; trained on, never held out)"})
+    heldout_fraction: float = field(default=0.2, metadata={"help": "with --data: share of prompts kept out of "
+                                                                   "training to evaluate on (the world's held-out "
+                                                                   "prompts are its eval split)"})
     # training
     max_iters: int = field(default=80, metadata={"help": "training steps (80 x 16 prompts is about 8 epochs of the "
                                                          "comparisons; more only overfits them)"})
@@ -190,15 +190,22 @@ def _ranking_record(where, prompt, record):
     return Comparison(prompt, completions, ranking, scores, reasons)
 
 
-def split_heldout(comparisons, fraction, seed, train_only=frozenset()):
-    """Hold out whole prompts (not pairs), so evaluation is on prompts the reward model never saw.
-    Prompts in `train_only` (the SFT split's, which SFT trained on) are never held out."""
-    candidates = [i for i, c in enumerate(comparisons) if c.prompt not in train_only]
-    random.Random(seed).shuffle(candidates)
-    count = int(round(len(candidates) * fraction)) if len(candidates) > 1 else 0
-    heldout = set(candidates[:count])
+def split_heldout(comparisons, fraction, seed):
+    """Hold out whole prompts (not pairs), so evaluation is on prompts the reward model never saw."""
+    order = list(range(len(comparisons)))
+    random.Random(seed).shuffle(order)
+    count = int(round(len(comparisons) * fraction)) if len(comparisons) > 1 else 0
+    heldout = set(order[:count])
     train = [c for i, c in enumerate(comparisons) if i not in heldout]
     evaluate = [c for i, c in enumerate(comparisons) if i in heldout]
+    return train, evaluate
+
+
+def split_by_prompt(comparisons, heldout_prompts):
+    """The tiny world holds out a whole split of prompts: its eval split, which no stage trains on
+    (rlhf.py grades the policy on the same prompts)."""
+    train = [c for c in comparisons if c.prompt not in heldout_prompts]
+    evaluate = [c for c in comparisons if c.prompt in heldout_prompts]
     return train, evaluate
 
 
@@ -526,9 +533,9 @@ def main(config: Config) -> dict:
     # --- comparisons: sampled from the SFT model and ranked by the oracle, or read from --data
     sft_model, tokenizer, _ = load_model(sft_path, stages="sft", device=device)
     sampling_seconds, skipped = 0.0, 0
-    # The world's prompts: its reward split and, with --sft_prompts, its SFT split, whose comparisons are
-    # trained on but never held out (SFT has seen those prompts)
-    world, prompts, train_only = None, [], frozenset()
+    # The world's prompts: its reward split, its SFT split (--sft_prompts; SFT trained on those answers,
+    # so their samples are trained on, never held out) and its eval split, held out to evaluate on
+    world, prompts, heldout_prompts = None, [], frozenset()
     if not config.data:
         from data.tinyworld import World
         world = World()
@@ -536,8 +543,8 @@ def main(config: Config) -> dict:
         def first_prompts(split):
             found = [task.prompt for task in world.tasks(split)]
             return found[:config.max_prompts] if config.max_prompts > 0 else found
-        sft_prompts = first_prompts("sft") if config.sft_prompts else []
-        prompts, train_only = first_prompts("reward") + sft_prompts, frozenset(sft_prompts)
+        heldout_prompts = frozenset(first_prompts("eval"))
+        prompts = first_prompts("reward") + (first_prompts("sft") if config.sft_prompts else []) + first_prompts("eval")
     if config.data:
         comparisons, skipped = read_preferences(config.data)
         print(f"read {len(comparisons)} comparisons from {config.data}"
@@ -553,7 +560,10 @@ def main(config: Config) -> dict:
         sampling_seconds = time.time() - start
         write_comparisons(comparisons_path, comparisons)
         print(f"wrote {comparisons_path} in {sampling_seconds:.0f}s")
-    train_set, heldout_set = split_heldout(comparisons, config.heldout_fraction, config.seed, train_only)
+    if heldout_prompts:
+        train_set, heldout_set = split_by_prompt(comparisons, heldout_prompts)
+    else:
+        train_set, heldout_set = split_heldout(comparisons, config.heldout_fraction, config.seed)
     train_set = [c for c in train_set if c.pairs()]   # all tied: nothing to learn from
     tied = sum(1 for c in comparisons if not c.pairs())
     if not train_set:

@@ -16,7 +16,7 @@ from bpe import UsageError
 from model import load_checkpoint, load_model, parse_config
 from reward import (Comparison, Config, batch_loss, clear_pair_accuracy, main, pad_batch, pairwise_loss,
                     rank_by_scores, read_preferences, reward_input_ids, reward_scores, sample_comparisons,
-                    spearman, spearman_within_prompts, split_heldout, write_comparisons)
+                    spearman, spearman_within_prompts, split_by_prompt, split_heldout, write_comparisons)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -306,17 +306,24 @@ def test_spearman_within_prompts_averages_each_prompts_own_order():
     assert spearman_within_prompts(comparisons[:1], rewards) == pytest.approx(1.0)
 
 
-def test_prompts_marked_train_only_are_never_held_out():
-    """--sft_prompts adds comparisons for prompts SFT trained on: they may be trained on, never held out,
-    and the held-out share is taken of the other prompts only (so it is the same with or without them)."""
-    reward_prompts = [Comparison(f"r{i}", ["a", "b"], [0, 1]) for i in range(20)]
-    sft_prompts = [Comparison(f"s{i}", ["a", "b"], [0, 1]) for i in range(60)]
-    everything = reward_prompts + sft_prompts
-    train, heldout = split_heldout(everything, 0.2, seed=3, train_only=frozenset(c.prompt for c in sft_prompts))
-    assert len(heldout) == 4 and all(c.prompt.startswith("r") for c in heldout)
-    assert len(train) == 76 and all(c in train for c in sft_prompts)
-    _, heldout_alone = split_heldout(reward_prompts, 0.2, seed=3)
-    assert [c.prompt for c in heldout] == [c.prompt for c in heldout_alone]
+def test_the_worlds_held_out_prompts_are_its_eval_split(world):
+    """reward.py trains on the reward and SFT splits' samples and evaluates on the eval split's: no
+    stage trains on those prompts, so the held-out accuracy is on prompts nothing has seen."""
+    trained_on = {task.prompt for split in ("reward", "sft", "rl") for task in world.tasks(split)}
+    eval_prompts = [task.prompt for task in world.tasks("eval")]
+    assert not trained_on & set(eval_prompts)
+    comparisons = [Comparison(prompt, ["a", "b"], [0, 1]) for prompt in eval_prompts[:5] + sorted(trained_on)[:7]]
+    train, heldout = split_by_prompt(comparisons, frozenset(eval_prompts))
+    assert [c.prompt for c in heldout] == eval_prompts[:5]
+    assert [c.prompt for c in train] == sorted(trained_on)[:7]
+
+
+def test_split_heldout_keeps_whole_prompts_apart():
+    comparisons = [Comparison(f"p{i}", ["a", "b"], [0, 1]) for i in range(20)]
+    train, heldout = split_heldout(comparisons, 0.2, seed=3)
+    assert len(heldout) == 4 and len(train) == 16
+    assert sorted(c.prompt for c in train + heldout) == sorted(c.prompt for c in comparisons)
+    assert split_heldout(comparisons, 0.2, seed=3)[1] == heldout   # seeded: the same every run
 
 
 def test_logprob_baseline_is_the_mean_log_probability_of_the_response(tmp_path, make_checkpoint):
