@@ -52,7 +52,8 @@ class Config:
     out_dir: str = field(default="out", metadata={"help": "where sft.pt, sft.json and sft.png go"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N or mps"})
     seed: int = field(default=1337, metadata={"help": "random seed (data order, LoRA init, sampling)"})
-    max_iters: int = field(default=400, metadata={"help": "optimizer steps"})
+    max_iters: int = field(default=800, metadata={"help": "optimizer steps (800: the reading practice needs "
+                                                          "them; 400 is enough without it)"})
     max_time: float = field(default=0.0, metadata={"help": "stop after this many minutes of training (0 = no limit); "
                                                            "the learning-rate schedule follows whichever budget ends first"})
     batch_size: int = field(default=32, metadata={"help": "conversations per step"})
@@ -80,9 +81,9 @@ class Config:
     eval_interval: int = field(default=50, metadata={"help": "steps between validation-loss measurements"})
     eval_limit: int = field(default=0, metadata={"help": "evaluate on at most this many held-out prompts (0 = all)"})
     eval_max_new_tokens: int = field(default=96, metadata={"help": "longest answer generated in evaluation"})
-    reading_practice: int = field(default=0, metadata={"help": "add N retrieval-layout conversations, each about a "
-                                                               "country invented for it alone, to the tiny world's "
-                                                               "SFT pairs (3000 with --max_iters 800: retrieval 0% -> 40%)"})
+    reading_practice: int = field(default=3000, metadata={"help": "add N retrieval-layout conversations, each about a "
+                                                                  "country invented for it alone, to the tiny world's "
+                                                                  "SFT pairs (0: none; measured: retrieval 0% -> 40%)"})
     skip_base_eval: bool = field(default=False, metadata={"help": "do not evaluate the base model few-shot"})
     resume: bool = field(default=False, metadata={"help": "continue an interrupted run from <out_dir>/sft.pt"})
     show_example: bool = field(default=False, metadata={"help": "print one rendered conversation with its "
