@@ -359,6 +359,7 @@ class World:
         self._taken = taken  # the reading pages of the corpus invent further countries, none of these
         self._index = self._question_index()
         self._candidates = self._candidate_patterns()
+        self._names, self._named = self._name_pattern()
         self._tasks = self._documents = self._document_kinds = self._retrieval = self._shots = None
 
     # --- the oracle's lookup tables -------------------------------------------------------------------
@@ -389,6 +390,16 @@ class World:
                 alternatives = [re.escape(value) for value in sorted(values, key=lambda v: (-len(v), v))]
             patterns[attribute] = re.compile(r"(?<![\w-])(" + "|".join(alternatives) + r")(?![\w-])", re.IGNORECASE)
         return patterns
+
+    def _name_pattern(self):
+        """A regex of every entity's name (and plural), whole words, and name -> entity: the oracle uses it
+        to see which country or animal an answer talks about."""
+        named = {}
+        for entity in self.countries + self.animals + self.retrieval_entities + self.context_entities:
+            for form in (entity.name, entity.plural or entity.name + "s"):
+                named[form.lower()] = entity
+        alternatives = [re.escape(form) for form in sorted(named, key=lambda f: (-len(f), f))]
+        return re.compile(r"(?<![\w-])(" + "|".join(alternatives) + r")(?![\w-])", re.IGNORECASE), named
 
     def _parse(self, prompt):
         """Prompt -> Question. Unwraps context_prompt() and COT_PREFIX to find the underlying question."""
@@ -916,6 +927,13 @@ class World:
         if said.lower() != key.lower():
             in_form = text.startswith(ideal[:ideal.index(key)])
             return Grade(0.2 if in_form else 0.1, f"wrong: says {said}, expected {key}", False)
+        # The right value said of another country or animal ("Thailand is in Asia." asked about South Korea)
+        # is a wrong answer, as a labeler would see it. The value itself is left out of the search: the owl
+        # eats mice, and "mice" is an animal too.
+        about = {self._named[name.lower()] for name in self._names.findall(text[:match.start()] + " " + text[match.end():])}
+        if about and entity not in about:
+            other = sorted(e.name for e in about)[0]
+            return Grade(0.2, f"wrong: says it of {other}, asked about {entity.name}", False)
         if text.strip(" .!").lower() == match.group(1).lower():
             return Grade(0.8, "correct but terse (not a sentence)", True)
         if rambles(text, ideal):

@@ -186,6 +186,11 @@ BAD_AND_ODD = [
     ("What is the capital of France?", "The capital of France is Paris. The capital of Peru is Lima.", True, 0.4, 0.7),
     ("What is the capital of France?", "The capital of France is Rome.", False, 0.1, 0.3),
     ("What is the capital of France?", "The capital of France is", False, 0.0, 0.2),     # cut off
+    ("What continent is France on?", "Spain is in Europe.", False, 0.1, 0.3),           # right value, wrong country
+    ("What continent is France on?", "France is in Europe, like Spain.", True, 0.8, 0.95),
+    ("What does an owl eat?", "An owl eats mice.", True, 1.0, 1.0),                    # the value names an animal
+    ("How many legs has a parrot got?", "A turkey has 2 legs.", False, 0.1, 0.3),
+    ("How many legs has a parrot got?", "Parrots have 2 legs.", True, 0.8, 0.95),
     ("What is the capital of France?", "I like trains.", False, 0.0, 0.0),
     ("What is the capital of France?", "Obviously, the capital of France is Paris.", True, 0.3, 0.5),
     ("What is the capital of France?", "", False, 0.0, 0.0),
