@@ -8,17 +8,21 @@ for a small, high-quality set of documents of the form (prompt, ideal response),
 contractors following labeling instructions, and keep doing language modeling on them. The base model,
 which would answer a question with more questions, learns the shape of an assistant's answer.
 
-Two details matter on a model this small:
+Three details matter on a model this small:
   - the loss counts only the assistant's tokens (the user's words are context, not something to imitate);
   - every step also trains on a few rows of pretraining text, or the model forgets what it knew
-    (measured: questions about entities known from pretraining only, 10% right without, 80% with).
+    (measured: questions about entities known from pretraining only, 10% right without, 80% with);
+  - 3,000 "reading practice" conversations, each about a country invented for it alone, teach it to
+    answer from a passage in its prompt: the world's own retrieval conversations recur over 40 countries,
+    few enough to memorise (measured: retrieval 0% without, 40-50% with).
 
 The talk's finetuning advice lives here too: `--lora_rank 8` trains small low-rank adapters while the
-GPT stays frozen (they fit more slowly than the whole model: give them 800 steps), and
+GPT stays frozen (they fit more slowly than the whole model: on the world's pairs alone they match
+full SFT at 800 steps, with the reading practice they reach 80% of it), and
 `--base_precision int8` holds that frozen part in 8 bits.
 
     python sft.py --show_example                         # one conversation, with the trained tokens marked
-    python sft.py --lora_rank 8 --max_iters 800 --base_precision int8   # parameter-efficient finetuning
+    python sft.py --lora_rank 8 --base_precision int8    # parameter-efficient finetuning
     python sft.py --data my_chats.jsonl                  # your own {"messages": [...]} or {"prompt", "completion"}
 
 Read it top to bottom: configuration, data (conversations -> ids + loss mask -> batches; the pretraining
