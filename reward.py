@@ -9,9 +9,9 @@ only at that one token: the scalar it predicts there is the reward.
     python reward.py --score "What is 2 + 3?" "2 + 3 = 5."   # the reward of one response
 
 Here the labeler is the tiny world's oracle (World.score). The script reads out/sft.pt, samples K
-completions for every prompt of the world's reward split, ranks them with the oracle (equal scores
-are ties, and a tie gives no pair), writes what the "labelers" saw to out/comparisons.jsonl, then
-trains the reward model: the SFT transformer with a new scalar head, loss -log sigmoid(r_better -
+completions for every prompt of the world's reward and SFT splits (to train on) and of its eval split
+(held out, to measure on), ranks them with the oracle (equal scores are ties, and a tie gives no pair),
+writes what the "labelers" saw to out/comparisons.jsonl, then trains the reward model: the SFT transformer with a new scalar head, loss -log sigmoid(r_better -
 r_worse) over every ordered pair of a prompt's ranking. `--data FILE.jsonl` trains on given
 preferences instead: {"prompt", "chosen", "rejected"} lines or {"prompt", "completions", "ranking"}.
 
@@ -63,8 +63,9 @@ class Config:
                                                                    "training to evaluate on (the world's held-out "
                                                                    "prompts are its eval split)"})
     # training
-    max_iters: int = field(default=80, metadata={"help": "training steps (80 x 16 prompts is about 8 epochs of the "
-                                                         "comparisons; more only overfits them)"})
+    max_iters: int = field(default=80, metadata={"help": "training steps (80 x 16 prompts: about two passes over "
+                                                         "the ~700 training prompts that have pairs; more only "
+                                                         "overfits them)"})
     prompts_per_step: int = field(default=16, metadata={"help": "prompts per step; all K completions of a "
                                                                 "prompt go in together"})
     learning_rate: float = field(default=1e-4, metadata={"help": "peak learning rate (warmup, then cosine "
