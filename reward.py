@@ -11,8 +11,9 @@ only at that one token: the scalar it predicts there is the reward.
 Here the labeler is the tiny world's oracle (World.score). The script reads out/sft.pt, samples K
 completions for every prompt of the world's reward and SFT splits (to train on) and of its eval split
 (held out, to measure on), ranks them with the oracle (equal scores are ties, and a tie gives no pair),
-writes what the "labelers" saw to out/comparisons.jsonl, then trains the reward model: the SFT transformer with a new scalar head, loss -log sigmoid(r_better -
-r_worse) over every ordered pair of a prompt's ranking. `--data FILE.jsonl` trains on given
+writes what the "labelers" saw to out/comparisons.jsonl, then trains the reward model: the SFT
+transformer with a new scalar head, loss -log sigmoid(r_better - r_worse) over every ordered pair of a
+prompt's ranking. `--data FILE.jsonl` trains on given
 preferences instead: {"prompt", "chosen", "rejected"} lines or {"prompt", "completions", "ranking"}.
 
 Reads top to bottom: config, comparisons (sample and rank, or read), the reward model, the loss, the
@@ -544,8 +545,9 @@ def main(config: Config) -> dict:
         def first_prompts(split):
             found = [task.prompt for task in world.tasks(split)]
             return found[:config.max_prompts] if config.max_prompts > 0 else found
-        heldout_prompts = frozenset(first_prompts("eval"))
-        prompts = first_prompts("reward") + (first_prompts("sft") if config.sft_prompts else []) + first_prompts("eval")
+        eval_prompts = first_prompts("eval")
+        heldout_prompts = frozenset(eval_prompts)
+        prompts = first_prompts("reward") + (first_prompts("sft") if config.sft_prompts else []) + eval_prompts
     if config.data:
         comparisons, skipped = read_preferences(config.data)
         print(f"read {len(comparisons)} comparisons from {config.data}"

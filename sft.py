@@ -87,7 +87,7 @@ class Config:
     eval_max_new_tokens: int = field(default=96, metadata={"help": "longest answer generated in evaluation"})
     reading_practice: int = field(default=3000, metadata={"help": "add N retrieval-layout conversations, each about a "
                                                                   "country invented for it alone, to the tiny world's "
-                                                                  "SFT pairs (0: none; measured: retrieval 0% -> 40%)"})
+                                                                  "SFT pairs (0: none; measured: retrieval 0% -> 40-50%)"})
     skip_base_eval: bool = field(default=False, metadata={"help": "do not evaluate the base model few-shot"})
     resume: bool = field(default=False, metadata={"help": "continue an interrupted run from <out_dir>/sft.pt"})
     show_example: bool = field(default=False, metadata={"help": "print one rendered conversation with its "

@@ -275,6 +275,11 @@ def context_prompt(passages, question):
     return "\n".join(lines)
 
 
+def whole_words(alternatives):
+    """A case-blind regex matching any of the alternatives (regex pieces, longest first) as a whole word."""
+    return re.compile(r"(?<![\w-])(" + "|".join(alternatives) + r")(?![\w-])", re.IGNORECASE)
+
+
 def invent_word(rng, endings):
     onsets = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kr", "st", "tr", "th"]
     vowels = ["a", "e", "i", "o", "u"]
@@ -364,10 +369,15 @@ class World:
 
     # --- the oracle's lookup tables -------------------------------------------------------------------
 
+    @property
+    def _everyone(self):
+        """Every entity the oracle knows: real countries and animals, and both kinds of invented country."""
+        return self.countries + self.animals + self.retrieval_entities + self.context_entities
+
     def _question_index(self):
         """Every fact and JSON question text the world can make -> (kind, entity, attribute)."""
         index = {}
-        for entity in self.countries + self.animals + self.retrieval_entities + self.context_entities:
+        for entity in self._everyone:
             for attribute, _ in entity.facts:
                 train, held = QUESTIONS[attribute]
                 for template in train + held:
@@ -381,25 +391,23 @@ class World:
         """For each attribute, a regex of every value the world knows (longest first, whole words): the first
         one a response mentions is what it claims. Numbers of legs may be written as digits or words."""
         patterns = {}
-        everyone = self.countries + self.animals + self.retrieval_entities + self.context_entities
         for attribute in QUESTIONS:
             if attribute == "legs":
                 alternatives = [r"\d+"] + sorted(NUMBER_WORDS, key=len, reverse=True)
             else:
-                values = {entity.fact(attribute) for entity in everyone if attribute in dict(entity.facts)}
+                values = {entity.fact(attribute) for entity in self._everyone if attribute in dict(entity.facts)}
                 alternatives = [re.escape(value) for value in sorted(values, key=lambda v: (-len(v), v))]
-            patterns[attribute] = re.compile(r"(?<![\w-])(" + "|".join(alternatives) + r")(?![\w-])", re.IGNORECASE)
+            patterns[attribute] = whole_words(alternatives)
         return patterns
 
     def _name_pattern(self):
         """A regex of every entity's name (and plural), whole words, and name -> entity: the oracle uses it
         to see which country or animal an answer talks about."""
         named = {}
-        for entity in self.countries + self.animals + self.retrieval_entities + self.context_entities:
+        for entity in self._everyone:
             for form in (entity.name, entity.plural or entity.name + "s"):
                 named[form.lower()] = entity
-        alternatives = [re.escape(form) for form in sorted(named, key=lambda f: (-len(f), f))]
-        return re.compile(r"(?<![\w-])(" + "|".join(alternatives) + r")(?![\w-])", re.IGNORECASE), named
+        return whole_words([re.escape(form) for form in sorted(named, key=lambda f: (-len(f), f))]), named
 
     def _parse(self, prompt):
         """Prompt -> Question. Unwraps context_prompt() and COT_PREFIX to find the underlying question."""
@@ -930,9 +938,10 @@ class World:
         # The right value said of another country or animal ("Thailand is in Asia." asked about South Korea)
         # is a wrong answer, as a labeler would see it. The value itself is left out of the search: the owl
         # eats mice, and "mice" is an animal too.
-        about = {self._named[name.lower()] for name in self._names.findall(text[:match.start()] + " " + text[match.end():])}
+        rest = text[:match.start()] + " " + text[match.end():]
+        about = {self._named[name.lower()] for name in self._names.findall(rest)}
         if about and entity not in about:
-            other = sorted(e.name for e in about)[0]
+            other = min(e.name for e in about)
             return Grade(0.2, f"wrong: says it of {other}, asked about {entity.name}", False)
         if text.strip(" .!").lower() == match.group(1).lower():
             return Grade(0.8, "correct but terse (not a sentence)", True)
