@@ -232,6 +232,19 @@ def test_retrieval_finds_the_passage_with_the_answer():
     assert len(retriever.search("mayor", k=3)) == 3
 
 
+def test_the_default_k_retrieves_both_passages_of_the_country_asked_about():
+    # Why --retrieve_k is 2: the tiny world has two passages about each retrieval-only country, and TF-IDF
+    # ranks them first; a third passage would be about another country, which misleads the small model.
+    from data.tinyworld import World
+    world = World()
+    retriever = Retriever.build(world.retrieval_documents(), TfidfEmbedder())
+    questions = [task for task in world.tasks("eval") if task.family == "retrieval"]
+    assert sample.Config().retrieve_k == 2 and len(questions) >= 40
+    for task in questions:
+        passages = [chunk for _, chunk in retriever.search(task.prompt, k=3)]
+        assert [task.entity in passage for passage in passages] == [True, True, False], task.prompt
+
+
 def test_chunks_respect_the_word_limit_and_keep_short_documents_whole():
     chunks = split_chunks(CORPUS + [" ".join(f"Sentence number {k}." for k in range(40))], max_words=20)
     assert chunks[:5] == CORPUS
