@@ -175,6 +175,24 @@ QUESTIONS = {  # attribute: (train phrasings, eval phrasings)
               "Which food does {a} eat?"],
              ["Tell me what {a} eats.", "What does {a} like to eat?"]),
 }
+# Four more ways to ask each fact, for SFT only (the corpus's quiz pages and the other splits keep to
+# QUESTIONS). A tiny model that has seen a question asked in two ways answers a third way by recalling an
+# answer it memorised ("Thailand is in Asia." asked about Greece); seen in six ways, it learns to find the
+# entity and the attribute in the question (measured, README: facts 80% -> 88% and 78% -> 90% on two bases).
+SFT_ONLY_QUESTIONS = {
+    "capital": ["Which city serves as the capital of {c}?", "What city is the seat of government of {c}?",
+                "Give the capital of {c}.", "I want to know the capital of {c}."],
+    "continent": ["Where in the world is {c}?", "Which part of the world is {c} in?",
+                  "Give the continent of {c}.", "I want to know which continent {c} is on."],
+    "language": ["Which language is used in {c}?", "What tongue do people in {c} speak?",
+                 "Give the language of {c}.", "I want to know what language people speak in {c}."],
+    "legs": ["How many feet does {a} have?", "What is the leg count of {a}?",
+             "Give the number of legs of {a}.", "I want to know how many legs {a} has."],
+    "sound": ["What call does {a} make?", "What sound comes from {a}?",
+              "Give the sound of {a}.", "I want to know what sound {a} makes."],
+    "food": ["What is {a}'s favourite food?", "What does {a} feed on?",
+             "Give the food of {a}.", "I want to know what {a} eats."],
+}
 ANSWERS = {  # {v} is the value; the text before it is also the pretraining probe's prefix
     "capital": "The capital of {c} is {v}.", "continent": "{C} is in {v}.", "language": "People in {c} speak {v}.",
     "legs": "{A} has {v} legs.", "sound": "{A} says {v}.", "food": "{A} eats {v}.",
@@ -380,7 +398,7 @@ class World:
         for entity in self._everyone:
             for attribute, _ in entity.facts:
                 train, held = QUESTIONS[attribute]
-                for template in train + held:
+                for template in train + held + SFT_ONLY_QUESTIONS[attribute]:
                     index[fill(template, **entity.fields())] = ("fact", entity, attribute)
         for entity in self.countries + self.animals:
             for template in JSON_QUESTIONS[0] + JSON_QUESTIONS[1]:
@@ -465,7 +483,8 @@ class World:
                     entity.name, entity.fact(attribute))
 
     def _fact_tasks(self, rng, tasks):
-        # Each (SFT entity, attribute) gets four train phrasings: two for SFT, one for reward, one for RL.
+        # Each (SFT entity, attribute) gets four train phrasings: two for SFT, one for reward, one for RL; and
+        # SFT also gets the four SFT_ONLY_QUESTIONS.
         reward_pool, rl_pool = [], []
         for entity in self.sft_entities:
             for attribute, _ in entity.facts:
@@ -474,6 +493,9 @@ class World:
                 tasks["sft"] += [self._fact_task(entity, attribute, p, "sft", False) for p in phrasings[:2]]
                 reward_pool.append((entity, attribute, phrasings[2]))
                 rl_pool.append((entity, attribute, phrasings[3]))
+                # no draw from rng here, so every other task and the corpus stay as they were
+                tasks["sft"] += [self._fact_task(entity, attribute, p, "sft", False)
+                                 for p in SFT_ONLY_QUESTIONS[attribute]]
         # Evaluation asks in the eval phrasings only, about held-out and SFT entities alike: the two accuracies
         # then differ only in whether SFT ever saw the entity.
         def eval_pool(entities):
