@@ -1428,8 +1428,8 @@ def report_markdown(config, stages, families, tasks, metrics, summaries):
                 lines.append(f"| retrieval (`--embedding {embedding}`), retrieval-only countries | "
                              f"{len(family(tasks, 'retrieval'))} | {percent(technique['retrieval/without'])} | "
                              f"{percent(technique[f'retrieval/{embedding}/with'])} | {k} passages; "
-                             + "; ".join(f"recall@{depth} {percent(technique[f'retrieval/{embedding}/recall@{depth}'])}"
-                                         for depth in sorted({k, 3})) + " |")
+                             + "; ".join(f"{key.rsplit('/', 1)[1]} {percent(value)}" for key, value in technique.items()
+                                         if key.startswith(f"retrieval/{embedding}/recall@")) + " |")
         for name, label in (("greedy", "greedy"), ("temp1", "T=1")):
             key = f"json/{name}"
             if f"{key}/with/parse_rate" in technique:

@@ -232,11 +232,9 @@ def test_retrieval_finds_the_passage_with_the_answer():
     assert len(retriever.search("mayor", k=3)) == 3
 
 
-def test_the_default_k_retrieves_both_passages_of_the_country_asked_about():
+def test_the_default_k_retrieves_both_passages_of_the_country_asked_about(world):
     # Why --retrieve_k is 2: the tiny world has two passages about each retrieval-only country, and TF-IDF
     # ranks them first; a third passage would be about another country, which misleads the small model.
-    from data.tinyworld import World
-    world = World()
     retriever = Retriever.build(world.retrieval_documents(), TfidfEmbedder())
     questions = [task for task in world.tasks("eval") if task.family == "retrieval"]
     assert sample.Config().retrieve_k == 2 and len(questions) >= 40
