@@ -243,7 +243,6 @@ ANIMAL_PASSAGES = ["{A} is an animal with {n} legs. It says {s} and eats {f}.",
                    "{Pl} have {n} legs. {A} says {s}, and its food is {f}."]
 QA_HEADERS = ["Questions and answers", "Quiz", "Frequently asked questions", "Test yourself"]
 RUDE_OPENINGS = ["Everyone knows that. ", "Obviously, ", "What a stupid question. "]
-PLACES = ["Ones", "Tens", "Hundreds", "Thousands", "Ten-thousands"]
 NUMBER_WORDS = {"zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7,
                 "eight": 8, "nine": 9, "ten": 10, "eleven": 11, "twelve": 12}
 
@@ -257,20 +256,32 @@ def answer_sentence(entity, attribute):
 
 
 def worked_addition(a, b):
-    """The step-by-step solution chain of thought teaches: one line per column, right to left, with the
-    carry said out loud, then the answer. A small model cannot add 4-digit numbers "in one token", but it
-    can do one column at a time if each step is written down -- models need tokens to think."""
-    digits_a, digits_b = str(a)[::-1], str(b)[::-1]
-    lines, carry = [], 0
-    for place in range(max(len(digits_a), len(digits_b))):
-        x = int(digits_a[place]) if place < len(digits_a) else 0
-        y = int(digits_b[place]) if place < len(digits_b) else 0
-        total = x + y + carry
+    """The step-by-step solution chain of thought teaches: one line per column, right to left, then the
+    answer. A small model cannot add 4-digit numbers "in one token", but it can do one column at a time
+    if each step is written down -- models need tokens to think. Each line also makes its step *easy to
+    look up*: it restates what is left of the two numbers (each loses its last digit, and a carry is
+    added on), so the two digits to add are always the last ones just written, never "the third digit
+    from the right" of a number far back in the question (which the 1M model got wrong); and it keeps
+    the answer's digits so far, so the final answer is a copy of the last line, not the column digits
+    read back in reverse. (The same design as the "detailed scratchpad" of Lee et al. 2023.)
+
+        699 + 577: 9 + 7 = 16, write 6, carry 1, so far 6.
+        69 + 57 + 1: 9 + 7 + 1 = 17, write 7, carry 1, so far 76.
+        6 + 5 + 1: 6 + 5 + 1 = 12, write 2, carry 1, so far 276.
+        Carry 1: write 1, so far 1276.
+        So 699 + 577 = 1276."""
+    left_a, left_b, carry, so_far, lines = str(a), str(b), 0, "", []
+    while left_a or left_b:
+        x, y = int(left_a[-1]) if left_a else 0, int(left_b[-1]) if left_b else 0
+        numbers = f"{left_a or 0} + {left_b or 0}" + (f" + {carry}" if carry else "")
         terms = f"{x} + {y}" + (f" + {carry}" if carry else "")
-        carry = total // 10
-        lines.append(f"{PLACES[place]}: {terms} = {total}, write {total % 10}" + (", carry 1." if carry else "."))
+        total = x + y + carry
+        carry, so_far = total // 10, str(total % 10) + so_far
+        lines.append(f"{numbers}: {terms} = {total}, write {total % 10}"
+                     + (", carry 1" if carry else "") + f", so far {so_far}.")
+        left_a, left_b = left_a[:-1], left_b[:-1]
     if carry:
-        lines.append(f"{PLACES[len(lines)]}: write 1.")
+        lines.append(f"Carry 1: write 1, so far 1{so_far}.")
     lines.append(f"So {a} + {b} = {a + b}.")
     return "\n".join(lines)
 
@@ -668,6 +679,7 @@ class World:
             ("list", 800, self._doc_list), ("quiz page", 750, self._doc_quiz), ("json records", 500, self._doc_json),
             ("sums", 4600, self._doc_sums), ("worked addition", 1700, self._doc_worked),
             ("reading page", 1000, self._doc_reading), ("calculator log", 1000, self._doc_calculator_log),
+            ("digit sums", 1500, self._doc_digit_sums),
         ]
         documents = []
         for kind, count, make in plan:
@@ -774,6 +786,19 @@ class World:
         rows = [rng.choice(self._corpus_sums) for _ in range(rng.randint(5, 10))]
         header = rng.choice(["Sums:", "Practice:", "Arithmetic practice", "Homework answers:", "Mental arithmetic:"])
         return header + "\n" + "\n".join(f"{a} {op} {b} = {compute(a, op, b)}" for a, op, b in rows)
+
+    def _doc_digit_sums(self, rng, number):
+        # The one fact a worked addition cannot look up: the sum of two digits (and a carry). Without these
+        # pages the base model got 69% of them right (47% with the carry), and nearly every chain-of-thought
+        # answer that went wrong went wrong at such a step.
+        rows, count = [], rng.randint(8, 16)
+        while len(rows) < count:
+            a, b, carry = rng.randint(0, 9), rng.randint(0, 9), rng.random() < 0.4
+            if not carry and (a, "+", b) in self._banned:
+                continue
+            rows.append(f"{a} + {b} + 1 = {a + b + 1}" if carry else f"{a} + {b} = {a + b}")
+        header = rng.choice(["Adding digits:", "Addition table", "Digit sums:", "Sums of two digits, with and without a carry:"])
+        return header + "\n" + "\n".join(rows)
 
     def _doc_worked(self, rng, number):
         digits = rng.choice([2, 3, 3, 4, 4])
@@ -1010,7 +1035,7 @@ class World:
         if text == ideal or (text == worked and not question.cot):
             return Grade(1.0, "ideal answer", True)
         stated = stated_result(text, a, op, b)
-        shows_steps = "Ones:" in text
+        shows_steps = ", so far " in text
         if stated is None:
             if ideal.startswith(text):
                 done = text.count("\n") / max(1, ideal.count("\n"))

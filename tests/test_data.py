@@ -46,7 +46,7 @@ def test_same_seed_same_bytes_different_seed_different(world):
 def test_sizes(world):
     documents = world.documents()
     size = sum(len(d.encode()) for d in documents)
-    assert 2_000_000 < size < 3_000_000 and len(documents) > 10_000
+    assert 2_000_000 < size < 3_500_000 and len(documents) > 10_000
     assert not any("<|" in d for d in documents + world.retrieval_documents())
     assert len(World(scale=0.1).documents()) < len(documents) // 5
     assert len(world.facts()) == 210
@@ -148,14 +148,41 @@ def test_arithmetic_answers_are_right(world):
             expected = {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
             assert task.key == str(expected)
             assert task.answer.endswith(f"{a} {op} {b} = {expected}.")
-            for line in task.answer.split("\n")[:-1]:  # every column step of a worked answer adds up
-                if line.endswith(": write 1."):
-                    continue
-                terms, total = re.match(r"\w+: ([\d + ]+) = (\d+), write (\d)", line).group(1, 2)
-                assert sum(int(t) for t in terms.split(" + ")) == int(total)
+            check_worked_steps(task.answer)
+
+
+def check_worked_steps(answer):
+    """Every line of a worked addition follows from the line before it: the numbers left lose their
+    last digit and take the carry, the two last digits (and the carry) add up, and "so far" gains the
+    written digit in front."""
+    lines = answer.split("\n")
+    first = re.match(r"(\d+) \+ (\d+):", lines[0])
+    if first is None:
+        return   # a direct answer
+    left_a, left_b, carry, so_far = first.group(1), first.group(2), 0, ""
+    for line in lines[:-1]:
+        if line.startswith("Carry 1:"):
+            assert carry == 1 and line == f"Carry 1: write 1, so far 1{so_far}."
+            so_far = "1" + so_far
+            continue
+        numbers, terms, total, digit, rest = re.match(r"([\d + ]+): ([\d + ]+) = (\d+), write (\d)(.*)", line).groups()
+        assert numbers == f"{left_a or 0} + {left_b or 0}" + (f" + {carry}" if carry else "")
+        assert [int(t) for t in terms.split(" + ")] == [int((left_a or "0")[-1]), int((left_b or "0")[-1])] + ([carry] if carry else [])
+        assert sum(int(t) for t in terms.split(" + ")) == int(total) and int(digit) == int(total) % 10
+        carry, so_far = int(total) // 10, digit + so_far
+        assert rest == (", carry 1" if carry else "") + f", so far {so_far}."
+        left_a, left_b = left_a[:-1], left_b[:-1]
+    assert int(so_far) == int(first.group(1)) + int(first.group(2))
+    assert lines[-1] == f"So {first.group(1)} + {first.group(2)} = {so_far}."
+
+
+def test_worked_addition_reads_like_a_scratchpad():
     assert worked_addition(999, 1).split("\n") == [
-        "Ones: 9 + 1 = 10, write 0, carry 1.", "Tens: 9 + 0 + 1 = 10, write 0, carry 1.",
-        "Hundreds: 9 + 0 + 1 = 10, write 0, carry 1.", "Thousands: write 1.", "So 999 + 1 = 1000."]
+        "999 + 1: 9 + 1 = 10, write 0, carry 1, so far 0.", "99 + 0 + 1: 9 + 0 + 1 = 10, write 0, carry 1, so far 00.",
+        "9 + 0 + 1: 9 + 0 + 1 = 10, write 0, carry 1, so far 000.", "Carry 1: write 1, so far 1000.",
+        "So 999 + 1 = 1000."]
+    for a, b in [(0, 0), (5, 5), (95, 7), (7, 95), (1234, 4321), (9999, 9999), (100, 638)]:
+        check_worked_steps(worked_addition(a, b))
 
 
 def test_json_answers_parse_with_fixed_fields(world):

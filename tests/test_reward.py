@@ -216,7 +216,10 @@ def test_reward_model_learns_a_preference(tmp_path, make_checkpoint):
     prompt, response = "the cat?", "the dog is good."
     scored = main(parse_config(Config, ["--out_dir", str(tmp_path / "run"), "--score", prompt, response]))
     assert scored["reward"] == pytest.approx(reward_scores(model, tokenizer, [prompt], [response]).item(), abs=1e-5)
-    assert scored["reward"] > reward_scores(model, tokenizer, [prompt], ["the dog is bad."]).item()
+    # and the model prefers the good words to the bad ones in a sentence it has never seen
+    good = reward_scores(model, tokenizer, [prompt] * len(GOOD), [f"the dog is {word}." for word in GOOD])
+    bad = reward_scores(model, tokenizer, [prompt] * len(BAD), [f"the dog is {word}." for word in BAD])
+    assert good.mean() > bad.mean()
 
 
 def test_ctrl_c_saves_and_resume_matches_the_uninterrupted_run(tmp_path, make_checkpoint, capsys):
