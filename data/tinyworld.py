@@ -679,7 +679,6 @@ class World:
             ("list", 800, self._doc_list), ("quiz page", 750, self._doc_quiz), ("json records", 500, self._doc_json),
             ("sums", 4600, self._doc_sums), ("worked addition", 1700, self._doc_worked),
             ("reading page", 1000, self._doc_reading), ("calculator log", 1000, self._doc_calculator_log),
-            ("digit sums", 1500, self._doc_digit_sums),
         ]
         documents = []
         for kind, count, make in plan:
@@ -786,19 +785,6 @@ class World:
         rows = [rng.choice(self._corpus_sums) for _ in range(rng.randint(5, 10))]
         header = rng.choice(["Sums:", "Practice:", "Arithmetic practice", "Homework answers:", "Mental arithmetic:"])
         return header + "\n" + "\n".join(f"{a} {op} {b} = {compute(a, op, b)}" for a, op, b in rows)
-
-    def _doc_digit_sums(self, rng, number):
-        # The one fact a worked addition cannot look up: the sum of two digits (and a carry). Without these
-        # pages the base model got 69% of them right (47% with the carry), and nearly every chain-of-thought
-        # answer that went wrong went wrong at such a step.
-        rows, count = [], rng.randint(8, 16)
-        while len(rows) < count:
-            a, b, carry = rng.randint(0, 9), rng.randint(0, 9), rng.random() < 0.4
-            if not carry and (a, "+", b) in self._banned:
-                continue
-            rows.append(f"{a} + {b} + 1 = {a + b + 1}" if carry else f"{a} + {b} = {a + b}")
-        header = rng.choice(["Adding digits:", "Addition table", "Digit sums:", "Sums of two digits, with and without a carry:"])
-        return header + "\n" + "\n".join(rows)
 
     def _doc_worked(self, rng, number):
         digits = rng.choice([2, 3, 3, 4, 4])
