@@ -654,7 +654,7 @@ class World:
     # --- documents ------------------------------------------------------------------------------------
 
     def documents(self):
-        """The pretraining corpus: about 2.8 MB in 15,920 documents at scale 1 (no <|endoftext|> inside)."""
+        """The pretraining corpus: about 3.0 MB in 15,920 documents at scale 1 (no <|endoftext|> inside)."""
         if self._documents is None:
             self._documents, self._document_kinds = self._make_documents()
         return list(self._documents)
