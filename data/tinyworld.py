@@ -42,6 +42,7 @@ SPLITS = ["sft", "eval", "reward", "rl"]
 # The talk's magic words. sample.py --cot puts them in front of a question; SFT teaches that a question
 # starting with them gets a worked, step-by-step answer, and a bare question a direct one.
 COT_PREFIX = "Let's think step by step. "
+SFT_EXTRA_WORKED = 480   # worked additions SFT gets beyond the 120 of its share (see _cot_tasks)
 
 # Retrieval prompts: passages first, then the question (the format SFT teaches and sample.py builds).
 CONTEXT_HEADER = "Answer using the passages below."
@@ -568,6 +569,14 @@ class World:
                 problems = (self._draw_problems(rng, count // 2, used, sized(3))
                             + self._draw_problems(rng, count - count // 2, used, sized(4)))
                 tasks[split] += [self._arithmetic_task(rng, "cot", a, op, b, split, cot) for a, op, b in problems]
+        # More worked examples for SFT: a scratchpad line is only as good as its one-digit sum, and the base
+        # model gets those right only 70-80% of the time. With 120 worked SFT examples the SFT model added
+        # 62% of the held-out numbers right; with 480 more, 92% (same base model). They come from their own
+        # random stream, so every other task (and the corpus) stays as it was.
+        more = random.Random(f"{self.seed}:more worked additions")
+        problems = (self._draw_problems(more, SFT_EXTRA_WORKED // 2, used, sized(3))
+                    + self._draw_problems(more, SFT_EXTRA_WORKED - SFT_EXTRA_WORKED // 2, used, sized(4)))
+        tasks["sft"] += [self._arithmetic_task(more, "cot", a, op, b, "sft", True) for a, op, b in problems]
         self._eval_cot = set(eval_problems)
 
     def _calculator_tasks(self, rng, tasks):
