@@ -77,7 +77,8 @@ class Config:
                                                           "and write <out_dir>/report.md and report.png"})
     report_limit: int = field(default=0, metadata={"help": "--report: at most this many held-out prompts per "
                                                            "family (0 = all)"})
-    cot: bool = field(default=False, metadata={"help": "chain of thought: ask for the steps before the answer"})
+    cot: bool = field(default=False, metadata={"help": "chain of thought: ask for the steps before the answer "
+                                                       "(answers may then run to the end of the context)"})
     tool: bool = field(default=True, metadata={"help": "run the calculator when the model calls it "
                                                        "(--tool false: the model must write the result itself)"})
     retrieval: bool = field(default=False, metadata={"help": "put the passages most like the question into the prompt"})
@@ -170,6 +171,7 @@ def world_for(checkpoint):
 # ids), runs the calculator when the model asks for it, and applies the JSON mask when asked.
 
 MAX_TOOL_CALLS = 4   # per answer: a model stuck in a loop of calls cannot run forever
+COT_MAX_NEW_TOKENS = 256   # with --cot: as long as the context allows (a block is 256 tokens by default)
 
 
 @dataclass
@@ -184,7 +186,9 @@ class Sampling:
 
 
 def sampling_from(config, temperature=None):
-    return Sampling(max_new_tokens=config.max_new_tokens,
+    # A worked addition is long (up to ~200 tokens for 4 digits), so with --cot the answer may run to the
+    # end of the context whatever --max_new_tokens says; the report measures chain of thought the same way.
+    return Sampling(max_new_tokens=max(config.max_new_tokens, COT_MAX_NEW_TOKENS) if config.cot else config.max_new_tokens,
                     temperature=config.temperature if temperature is None else temperature,
                     top_k=config.top_k, top_p=config.top_p, seed=config.seed, tool=config.tool,
                     json_fields=(schema_fields(config.schema) if config.schema else []) if config.json else None)

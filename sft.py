@@ -14,7 +14,7 @@ Three details matter on a model this small:
     (measured: questions about entities known from pretraining only, 10% right without, 80% with);
   - 3,000 "reading practice" conversations, each about a country invented for it alone, teach it to
     answer from a passage in its prompt: the world's own retrieval conversations recur over 40 countries,
-    few enough to memorise (measured: retrieval 0% without, 92-94% with).
+    few enough to memorise (measured: retrieval 0% without, 90-94% with).
 
 The talk's finetuning advice lives here too: `--lora_rank 8` trains small low-rank adapters while the
 GPT stays frozen (they fit more slowly than the whole model: on the world's pairs alone they match
@@ -87,7 +87,7 @@ class Config:
     eval_max_new_tokens: int = field(default=96, metadata={"help": "longest answer generated in evaluation"})
     reading_practice: int = field(default=3000, metadata={"help": "add N retrieval-layout conversations, each about a "
                                                                   "country invented for it alone, to the tiny world's "
-                                                                  "SFT pairs (0: none; measured: retrieval 0% -> 92-94%)"})
+                                                                  "SFT pairs (0: none; measured: retrieval 0% -> 90-94%)"})
     skip_base_eval: bool = field(default=False, metadata={"help": "do not evaluate the base model few-shot"})
     resume: bool = field(default=False, metadata={"help": "continue an interrupted run from <out_dir>/sft.pt"})
     show_example: bool = field(default=False, metadata={"help": "print one rendered conversation with its "

@@ -7,9 +7,9 @@ learn on a laptop CPU in minutes *and* lets a program check every answer, so thi
 
 - 40 real countries (capital, continent, language) and 30 animals (legs, sound, food), each told in many
   phrasings across encyclopedia entries, stories, lists, quiz pages and JSON records;
-- small sums and differences, worked column-by-column additions, and products too large to do "in the
-  head": the corpus shows them only as a calculator's output, repeated in an answer (a small model cannot
-  compute them, so it should learn to copy them; that is the calculator's job);
+- small sums and differences, worked additions (a scratchpad, one line per column), and products too
+  large to do "in the head": the corpus shows them only as a calculator's output, repeated in an answer
+  (a small model cannot compute them, so it should learn to copy them; that is the calculator's job);
 - invented countries that exist only in a separate pile of documents, so questions about them can only be
   answered with retrieval;
 - an oracle, `World.score`, that grades any response to any prompt the world makes. It plays the human

@@ -223,3 +223,12 @@ def test_unknown_option_values_and_an_empty_prompt_are_refused(tmp_path, make_ch
             main(Config(ckpt=path if "out_dir" not in bad else "", **bad))
     with pytest.raises(UsageError, match="is a 'reward' checkpoint"):
         main(Config(ckpt=make_checkpoint(tmp_path / "reward.pt", "reward"), prompt="hi"))
+
+
+def test_chain_of_thought_answers_may_run_past_max_new_tokens(tmp_path, make_checkpoint):
+    """A worked addition is longer than a direct answer's budget: with --cot the answer may fill the context."""
+    path = make_checkpoint(tmp_path / "sft.pt", "sft")
+    _, tokenizer, _ = load_model(path)
+    direct = main(Config(ckpt=path, prompt="What is 482 + 739?", max_new_tokens=6, temperature=0.0))["answers"][0]
+    worked = main(Config(ckpt=path, prompt="What is 482 + 739?", max_new_tokens=6, temperature=0.0, cot=True))["answers"][0]
+    assert len(tokenizer.encode(direct, "all")) <= 6 < len(tokenizer.encode(worked, "all"))
