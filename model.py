@@ -902,12 +902,19 @@ def by_length(sequences, rows):
     return [order[start:start + rows] for start in range(0, len(order), rows)]
 
 
+def prompt_room(block_size, max_new_tokens):
+    """How many tokens of prompt to keep: the context less room for the answer, but never less than half
+    the context (an answer allowed to run to the end of the context, as a worked addition may, must still
+    see its question). Generation stops at the end of the context anyway."""
+    return max(block_size - min(max_new_tokens, block_size // 2), 1)
+
+
 def chat_responses(model, tokenizer, prompts, temperature=0.0, max_new_tokens=128, seed=None,
                    batch_size=64, top_k=None, top_p=None):
     """Answer each prompt as a one-turn chat; returns the assistant's text (up to its answer_stops).
     Prompts too long for the context keep their last tokens (the question is at the end)."""
     stops = answer_stops(tokenizer)
-    keep = max(model.config.block_size - max_new_tokens, 1)
+    keep = prompt_room(model.config.block_size, max_new_tokens)
     rendered = []
     for prompt in prompts:
         ids, _ = render_chat(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True)

@@ -43,7 +43,7 @@ import torch
 
 from bpe import UsageError, render_chat
 from model import (answer_stops, atomic_path, autocast, chat_responses, check_same_tokenizer, choose_device,
-                   load_checkpoint, load_model, one_thread_on_cpu, run_cli, write_json)
+                   load_checkpoint, load_model, one_thread_on_cpu, prompt_room, run_cli, write_json)
 
 CHAT_STAGES = ("sft", "rlhf")
 GENERATING_STAGES = ("pretrain", "sft", "rlhf")   # the reward model scores; it does not write
@@ -266,9 +266,9 @@ def tool_call_expression(tokenizer, answer):
 
 def chat_prompt(tokenizer, messages, block_size, max_new_tokens):
     """Render a conversation for the assistant to answer, dropping the oldest turns until it fits in the
-    context with room for the answer (at least half the context). Returns (ids, the messages kept, how
-    many turns were dropped). A single message too long for the context keeps its end."""
-    room = max(block_size - min(max_new_tokens, block_size // 2), 1)
+    context with room for the answer (see prompt_room). Returns (ids, the messages kept, how many turns
+    were dropped). A single message too long for the context keeps its end."""
+    room = prompt_room(block_size, max_new_tokens)
     dropped = 0
     while True:
         ids, _ = render_chat(tokenizer, messages, add_generation_prompt=True)
@@ -332,7 +332,7 @@ def fewshot_answers(model, tokenizer, world, questions, sampling, batch_size=64)
     answer is the first line of what the model writes next."""
     from sft import newline_token_ids
     stops = [tokenizer.special_tokens["<|endoftext|>"]] + newline_token_ids(tokenizer)
-    keep = max(model.config.block_size - sampling.max_new_tokens, 1)
+    keep = prompt_room(model.config.block_size, sampling.max_new_tokens)
     plain = Sampling(**{**sampling.__dict__, "tool": False, "json_fields": None})
     answers = []
     for start in range(0, len(questions), batch_size):
@@ -411,7 +411,7 @@ def complete_document(model, tokenizer, text, sampling, world, stream=None):
     """The base model continues the text (or, with a world, answers a few-shot Q&A page with its first
     line). Returns the continuation."""
     from sft import newline_token_ids
-    keep = max(model.config.block_size - sampling.max_new_tokens, 1)
+    keep = prompt_room(model.config.block_size, sampling.max_new_tokens)
     stops = [tokenizer.special_tokens["<|endoftext|>"]]
     if world is not None:
         text = world.fewshot_prompt(text)

@@ -516,3 +516,14 @@ def test_autocast_chooses_the_precision_of_matrix_products():
         with autocast(device, dtype):
             assert (x @ w).dtype == expected, (device, dtype)
 
+
+
+def test_chat_responses_keeps_the_question_when_the_answer_may_fill_the_context(tmp_path, make_checkpoint, monkeypatch):
+    from bpe import render_chat
+    from model import chat_responses, load_model
+    model, tokenizer, _ = load_model(make_checkpoint(tmp_path / "sft.pt", "sft"))
+    seen, original = [], GPT.generate
+    monkeypatch.setattr(GPT, "generate", lambda self, batch, *args, **kwargs: seen.extend(batch) or original(self, batch, *args, **kwargs))
+    chat_responses(model, tokenizer, ["What is 2 + 2?"], max_new_tokens=model.config.block_size)
+    ids, _ = render_chat(tokenizer, [{"role": "user", "content": "What is 2 + 2?"}], add_generation_prompt=True)
+    assert seen[0] == ids

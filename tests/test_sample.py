@@ -232,3 +232,11 @@ def test_chain_of_thought_answers_may_run_past_max_new_tokens(tmp_path, make_che
     direct = main(Config(ckpt=path, prompt="What is 482 + 739?", max_new_tokens=6, temperature=0.0))["answers"][0]
     worked = main(Config(ckpt=path, prompt="What is 482 + 739?", max_new_tokens=6, temperature=0.0, cot=True))["answers"][0]
     assert len(tokenizer.encode(direct, "all")) <= 6 < len(tokenizer.encode(worked, "all"))
+
+
+def test_a_long_answer_budget_still_leaves_the_prompt_half_the_context(tmp_path, make_checkpoint, recorded_prompts):
+    """--cot lets an answer run to the end of the context; the base model must still see its text."""
+    path = make_checkpoint(tmp_path / "pretrain.pt", "pretrain")
+    model, _, _ = load_model(path)
+    main(Config(ckpt=path, prompt="the cat lives near a small river and " * 40, max_new_tokens=4, cot=True))
+    assert len(recorded_prompts[0]) == model.config.block_size // 2
