@@ -271,14 +271,16 @@ def worked_addition(a, b):
         6 + 5 + 1: 6 + 5 + 1 = 12, write 2, carry 1, so far 276.
         Carry 1: write 1, so far 1276.
         So 699 + 577 = 1276."""
-    left_a, left_b, carry, so_far, lines = str(a), str(b), 0, "", []
+    left_a, left_b = str(a), str(b)   # what is left of each number: it loses its last digit every line
+    carry, so_far, lines = 0, "", []
     while left_a or left_b:
-        x, y = int(left_a[-1]) if left_a else 0, int(left_b[-1]) if left_b else 0
-        numbers = f"{left_a or 0} + {left_b or 0}" + (f" + {carry}" if carry else "")
-        terms = f"{x} + {y}" + (f" + {carry}" if carry else "")
+        x = int(left_a[-1]) if left_a else 0
+        y = int(left_b[-1]) if left_b else 0
+        plus_carry = f" + {carry}" if carry else ""
         total = x + y + carry
-        carry, so_far = total // 10, str(total % 10) + so_far
-        lines.append(f"{numbers}: {terms} = {total}, write {total % 10}"
+        digit, carry = total % 10, total // 10
+        so_far = str(digit) + so_far
+        lines.append(f"{left_a or 0} + {left_b or 0}{plus_carry}: {x} + {y}{plus_carry} = {total}, write {digit}"
                      + (", carry 1" if carry else "") + f", so far {so_far}.")
         left_a, left_b = left_a[:-1], left_b[:-1]
     if carry:
@@ -570,13 +572,13 @@ class World:
                             + self._draw_problems(rng, count - count // 2, used, sized(4)))
                 tasks[split] += [self._arithmetic_task(rng, "cot", a, op, b, split, cot) for a, op, b in problems]
         # More worked examples for SFT: a scratchpad line is only as good as its one-digit sum, and the base
-        # model gets those right only 70-80% of the time. With 120 worked SFT examples the SFT model added
+        # model gets those right only 69-78% of the time. With 120 worked SFT examples the SFT model added
         # 62% of the held-out numbers right; with 480 more, 92% (same base model). They come from their own
         # random stream, so every other task (and the corpus) stays as it was.
-        more = random.Random(f"{self.seed}:more worked additions")
-        problems = (self._draw_problems(more, SFT_EXTRA_WORKED // 2, used, sized(3))
-                    + self._draw_problems(more, SFT_EXTRA_WORKED - SFT_EXTRA_WORKED // 2, used, sized(4)))
-        tasks["sft"] += [self._arithmetic_task(more, "cot", a, op, b, "sft", True) for a, op, b in problems]
+        extra_rng = random.Random(f"{self.seed}:more worked additions")
+        problems = (self._draw_problems(extra_rng, SFT_EXTRA_WORKED // 2, used, sized(3))
+                    + self._draw_problems(extra_rng, SFT_EXTRA_WORKED - SFT_EXTRA_WORKED // 2, used, sized(4)))
+        tasks["sft"] += [self._arithmetic_task(extra_rng, "cot", a, op, b, "sft", True) for a, op, b in problems]
         self._eval_cot = set(eval_problems)
 
     def _calculator_tasks(self, rng, tasks):
@@ -1030,7 +1032,7 @@ class World:
         if text == ideal or (text == worked and not question.cot):
             return Grade(1.0, "ideal answer", True)
         stated = stated_result(text, a, op, b)
-        shows_steps = ", so far " in text
+        shows_steps = ", so far " in text   # the mark of a scratchpad line, which a direct answer never has
         if stated is None:
             if ideal.startswith(text):
                 done = text.count("\n") / max(1, ideal.count("\n"))
@@ -1110,7 +1112,7 @@ def rambles(text, ideal):
 
 def stated_result(text, a, op, b):
     """The number a response gives as the result of `a op b`, or None. Read from the last "a op b = N"
-    (a worked answer ends with it; its column steps never repeat the whole problem), else from
+    (a worked answer ends with it; its first line restates the problem, but with ":", not "="), else from
     "answer is N", else, if the response has no equation at all, from its last number ("1221")."""
     ops = {"+": r"(?:\+|plus)", "-": r"(?:-|minus)", "*": r"(?:\*|×|x|times)"}[op]
     orders = [(a, b), (b, a)] if op in "+*" else [(a, b)]  # "45 + 23 = 68" answers 23 + 45 too
