@@ -18,7 +18,7 @@ Three details matter on a model this small:
 
 The talk's finetuning advice lives here too: `--lora_rank 8` trains small low-rank adapters while the
 GPT stays frozen (they fit more slowly than the whole model: on the world's pairs alone they match
-full SFT at 800 steps, with the reading practice they reach 70-80% of it), and
+full SFT at 800 steps, with the reading practice they reach 70-85% of it), and
 `--base_precision int8` holds that frozen part in 8 bits.
 
     python sft.py --show_example                         # one conversation, with the trained tokens marked
