@@ -7,7 +7,9 @@ going to get higher probabilities for the future. Conversely, ... the reward mod
 this completion, and so therefore every single token that we sampled in that second row is going to
 get a slightly lower probability for the future." A KL penalty keeps the policy near the SFT model,
 and the talk's warnings are measured here: outputs get less diverse ("mode collapse") and the reward
-model, an imperfect copy of the labelers, can be fooled.
+model, an imperfect copy of the labelers, can be fooled. Every update also trains on a few SFT
+demonstrations (--sft_coef, InstructGPT's "PPO-ptx"), because RL otherwise erodes what the reward model
+cannot judge: here, the one-digit sums of chain of thought.
 
     python rlhf.py                     # REINFORCE with a leave-one-out baseline -> out/rlhf.pt
     python rlhf.py --algo ppo          # InstructGPT's recipe: PPO with a value head
@@ -73,6 +75,11 @@ class Config:
     truncation_penalty: float = field(default=1.0, metadata={
         "help": "subtracted from the reward of a completion that never said <|end|> (TRL's missing_eos_penalty)"})
     grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0: off)"})
+    sft_coef: float = field(default=1.0, metadata={
+        "help": "reinforce/ppo: weight of a language-modelling loss on SFT demonstrations added to every update "
+                "(InstructGPT's PPO-ptx mixed in pretraining text): holds on to what the reward model cannot "
+                "judge (measured: chain of thought 48% without, 68% with; SFT 78%); 0 = off"})
+    sft_batch_size: int = field(default=16, metadata={"help": "reinforce/ppo with --sft_coef: SFT conversations per step"})
     micro_batch: int = field(default=16, metadata={"help": "sequences per forward pass or generation call, grouped "
                                                            "by length (less padding); larger is faster on a GPU"})
     # ppo
@@ -434,8 +441,9 @@ class RewardNormalizer:
 
 
 def rollout_step(policy, reference, value_head, optimizer, tokenizer, prompts, reward_fn, normalizer,
-                 config, step, world=None):
-    """One step of reinforce or ppo: sample, score, then update. Returns the step's log line."""
+                 config, step, world=None, demonstrations=None):
+    """One step of reinforce or ppo: sample, score, then update. Returns the step's log line.
+    demonstrations (with --sft_coef): this step's SFT conversations, as padded (inputs, targets)."""
     device = next(policy.parameters()).device
     rollout = sample_rollout(policy, tokenizer, prompts, config.samples_per_prompt, config.max_new_tokens,
                              seed=config.seed * 100_003 + step, micro_batch=config.micro_batch)
@@ -453,13 +461,18 @@ def rollout_step(policy, reference, value_head, optimizer, tokenizer, prompts, r
         total = (rewards - config.kl_coef * kl).view(-1, config.samples_per_prompt)
         advantages = leave_one_out_advantages(total).view(-1)
         loss = reinforce_loss(logprobs, mask, advantages)
+        extra = {"loss": loss.item()}
+        if demonstrations is not None:
+            sft_loss = demonstration_loss(policy, demonstrations, device)
+            loss = loss + config.sft_coef * sft_loss
+            extra["sft_loss"] = sft_loss.item()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         clip_gradients(policy, value_head, config.grad_clip)
         optimizer.step()
-        extra = {"loss": loss.item()}
     else:
-        extra, kl = ppo_update(policy, value_head, optimizer, rollout, rewards, reference_logprobs, config, step)
+        extra, kl = ppo_update(policy, value_head, optimizer, rollout, rewards, reference_logprobs, config, step,
+                               demonstrations)
     distinct, distinct_2 = diversity(rollout.tokens, config.samples_per_prompt)
     line = {"reward": scores.mean().item(), "kl": kl.mean().item(), "kl_warning": int(check_kl(kl, step)),
             "length": sum(map(len, rollout.tokens)) / len(rollout.tokens),
@@ -470,7 +483,8 @@ def rollout_step(policy, reference, value_head, optimizer, tokenizer, prompts, r
     return line
 
 
-def ppo_update(policy, value_head, optimizer, rollout, rewards, reference_logprobs, config, step):
+def ppo_update(policy, value_head, optimizer, rollout, rewards, reference_logprobs, config, step,
+               demonstrations=None):
     mask, device = rollout.mask, rollout.mask.device
 
     def forward(rows):   # log-probabilities and values of some rows, on the rollout's [B, T - 1] grid
@@ -499,6 +513,8 @@ def ppo_update(policy, value_head, optimizer, rollout, rewards, reference_logpro
                                                          mask[chosen], config.clip_range)
             value_loss = 0.5 * masked_mean((values - returns[chosen]) ** 2, mask[chosen])
             loss = policy_loss + config.value_coef * value_loss
+            if demonstrations is not None:
+                loss = loss + config.sft_coef * demonstration_loss(policy, demonstrations, device)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             clip_gradients(policy, value_head, config.grad_clip)
@@ -551,6 +567,16 @@ def freeze(model):
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return model
+
+
+def demonstration_loss(policy, demonstrations, device):
+    """The SFT loss (cross-entropy on the assistant's tokens) of a batch of demonstrations. InstructGPT
+    found that RL against a reward model costs skills the reward model does not look at (the "alignment
+    tax") and added a pretraining loss to PPO's ("PPO-ptx"); here RL costs chain of thought, whose one-digit
+    sums the reward model cannot check, and the demonstrations of SFT hold them in place."""
+    inputs, targets = demonstrations
+    _, loss = policy(inputs.to(device), targets.to(device))
+    return loss
 
 
 def batch_of(items, step, size, seed):
@@ -611,6 +637,13 @@ def main(config: Config) -> dict:
         if not pairs:
             raise UsageError(f"{data_path}: every ranking is a tie; there is no preference to learn from")
         print(f"dpo: {len(pairs)} preference pairs from {len(comparisons)} rankings in {data_path}")
+    demonstrations = None   # --sft_coef: the SFT conversations, and the batch of them each step trains on
+    if config.sft_coef > 0 and config.algo != "dpo":
+        from sft import encode_all, pad_batch, world_conversations
+        examples, _, _ = encode_all(tokenizer, world_conversations(world), policy.config.block_size)
+
+        def demonstrations(step):
+            return pad_batch(batch_of(examples, step, config.sft_batch_size, config.seed))
     tasks = world.tasks("eval")
     tasks = tasks[:config.eval_tasks] if config.eval_tasks > 0 else tasks
     report_prompts = [task.prompt for task in tasks[:config.diversity_prompts]]
@@ -655,7 +688,8 @@ def main(config: Config) -> dict:
             else:
                 line = rollout_step(policy, reference, value_head, optimizer, tokenizer,
                                     batch_of(prompts, step, config.prompts_per_step, config.seed),
-                                    reward_fn, normalizer, config, step, world)
+                                    reward_fn, normalizer, config, step, world,
+                                    demonstrations(step) if demonstrations else None)
             for key, value in line.items():
                 history.setdefault(key, []).append(value)
             shown = {key: line[key] for key in ("reward", "oracle", "kl", "loss", "accuracy") if key in line}
@@ -703,13 +737,15 @@ def check_config(config):
     if config.algo == "reinforce" and config.samples_per_prompt < 2:
         raise UsageError("--samples_per_prompt must be at least 2: the leave-one-out baseline compares siblings")
     for name in ("prompts_per_step", "samples_per_prompt", "max_new_tokens", "dpo_batch_size",
-                 "ppo_epochs", "ppo_minibatches", "micro_batch"):
+                 "ppo_epochs", "ppo_minibatches", "micro_batch", "sft_batch_size"):
         if getattr(config, name) < 1:
             raise UsageError(f"--{name} must be at least 1")
     if config.max_iters < 0:
         raise UsageError("--max_iters must be positive (or 0 for the algorithm's default)")
     if config.kl_coef < 0 or config.learning_rate <= 0:
         raise UsageError("--kl_coef must be >= 0 and --learning_rate > 0")
+    if config.sft_coef < 0:
+        raise UsageError("--sft_coef must be >= 0 (0 = no SFT loss mixed into RL)")
 
 
 def summary(metrics):

@@ -308,3 +308,41 @@ def test_reward_model_with_another_tokenizer_is_refused(tmp_path, make_checkpoin
     save_checkpoint(str(tmp_path / "reward.pt"), stage="reward", model=model, tokenizer=other)
     with pytest.raises(UsageError, match="different tokenizers"):
         rlhf.main(tiny_config(tmp_path))
+
+
+def test_sft_coef_trains_on_the_demonstrations_alongside_the_reward(policy_and_tokenizer):
+    """With a reward that is the same for every sample and no KL leash, REINFORCE's advantages are all 0:
+    the policy moves only through --sft_coef's loss on the demonstrations, and that loss falls."""
+    from sft import encode_conversation, pad_batch
+    policy, tokenizer = policy_and_tokenizer
+    reference = rlhf.freeze(copy.deepcopy(policy))
+    conversations = [[{"role": "user", "content": f"What is {n} + 1?"}, {"role": "assistant", "content": f"{n + 1}."}]
+                     for n in range(8)]
+    demonstrations = pad_batch([encode_conversation(tokenizer, messages, policy.config.block_size)[:2]
+                                for messages in conversations])
+
+    def flat_reward(prompts, responses):
+        return torch.zeros(len(responses))
+
+    def run(sft_coef, steps=6):
+        model = copy.deepcopy(policy)
+        config = rlhf.Config(learning_rate=1e-2, samples_per_prompt=2, max_new_tokens=6, kl_coef=0.0,
+                             truncation_penalty=0.0, sft_coef=sft_coef)
+        optimizer = rlhf.make_optimizer(model, None, config)
+        lines = [rlhf.rollout_step(model, reference, None, optimizer, tokenizer, PROMPTS, flat_reward,
+                                   rlhf.RewardNormalizer(), config, step, demonstrations=demonstrations if sft_coef else None)
+                 for step in range(steps)]
+        return model, lines
+
+    unmoved, _ = run(0.0)
+    for key, tensor in unmoved.state_dict().items():
+        assert torch.equal(tensor, policy.state_dict()[key]), key   # zero advantages: no update at all
+    _, lines = run(1.0)
+    assert lines[-1]["sft_loss"] < lines[0]["sft_loss"] - 0.5
+
+
+def test_the_stage_runs_with_sft_coef(tmp_path, make_checkpoint):
+    make_checkpoint(tmp_path / "sft.pt", "sft")
+    make_checkpoint(tmp_path / "reward.pt", "reward", seed=1)
+    metrics = rlhf.main(tiny_config(tmp_path, sft_coef=1.0, sft_batch_size=4))
+    assert metrics["train/sft_loss"] > 0
