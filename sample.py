@@ -171,7 +171,6 @@ def world_for(checkpoint):
 # ids), runs the calculator when the model asks for it, and applies the JSON mask when asked.
 
 MAX_TOOL_CALLS = 4   # per answer: a model stuck in a loop of calls cannot run forever
-COT_MAX_NEW_TOKENS = 256   # with --cot: as long as the context allows (a block is 256 tokens by default)
 
 
 @dataclass
@@ -185,10 +184,11 @@ class Sampling:
     json_fields: Optional[list] = None   # None = free text; a list (maybe empty) = constrained JSON
 
 
-def sampling_from(config, temperature=None):
+def sampling_from(config, block_size, temperature=None):
     # A worked addition is long (up to ~200 tokens for 4 digits), so with --cot the answer may run to the
     # end of the context whatever --max_new_tokens says; the report measures chain of thought the same way.
-    return Sampling(max_new_tokens=max(config.max_new_tokens, COT_MAX_NEW_TOKENS) if config.cot else config.max_new_tokens,
+    max_new_tokens = max(config.max_new_tokens, block_size) if config.cot else config.max_new_tokens
+    return Sampling(max_new_tokens=max_new_tokens,
                     temperature=config.temperature if temperature is None else temperature,
                     top_k=config.top_k, top_p=config.top_p, seed=config.seed, tool=config.tool,
                     json_fields=(schema_fields(config.schema) if config.schema else []) if config.json else None)
@@ -349,7 +349,7 @@ def fewshot_answers(model, tokenizer, world, questions, sampling, batch_size=64)
 
 def chat(config, model, tokenizer, checkpoint, path, retriever):
     stage = checkpoint["stage"]
-    sampling = sampling_from(config)
+    sampling = sampling_from(config, model.config.block_size)
     block_size = model.config.block_size
     if stage == "pretrain":
         how = "few-shot Q&A (answers are the first line)" if config.fewshot else \
@@ -444,8 +444,8 @@ def answer_prompt(model, tokenizer, checkpoint, question, sampling, config, retr
 
 
 def one_shot(config, model, tokenizer, checkpoint, retriever):
-    answers = answer_prompt(model, tokenizer, checkpoint, config.prompt, sampling_from(config), config,
-                            retriever, config.num_samples)
+    sampling = sampling_from(config, model.config.block_size)
+    answers = answer_prompt(model, tokenizer, checkpoint, config.prompt, sampling, config, retriever, config.num_samples)
     for k, answer in enumerate(answers):
         if len(answers) > 1:
             print(f"--- sample {k + 1} of {len(answers)} ---")
@@ -464,7 +464,8 @@ def compare(config, device, retriever_for):
     for stage in stages:
         path = stage_path(config.out_dir, stage)
         model, tokenizer, checkpoint = load_model(path, device=device)
-        answers = answer_prompt(model, tokenizer, checkpoint, config.prompt, sampling_from(config), config,
+        sampling = sampling_from(config, model.config.block_size)
+        answers = answer_prompt(model, tokenizer, checkpoint, config.prompt, sampling, config,
                                 retriever_for(model, tokenizer, checkpoint), config.num_samples)
         results[stage] = answers
         print(f"=== {stage} ({path}) ===")
@@ -484,7 +485,7 @@ def best_of_n(config, model, tokenizer, checkpoint, path, device, retriever):
     reward_path = config.reward_ckpt or stage_path(config.out_dir, "reward")
     reward_model, reward_tokenizer, _ = load_model(reward_path, stages="reward", device=device)
     check_same_tokenizer(path, tokenizer, reward_path, reward_tokenizer)
-    sampling = sampling_from(config)
+    sampling = sampling_from(config, model.config.block_size)
     if sampling.temperature == 0:
         raise UsageError("--best_of with --temperature 0 would sample the same answer N times; use e.g. 0.8")
     question = prepare_question(config.prompt, config, retriever)

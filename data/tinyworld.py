@@ -563,23 +563,23 @@ class World:
         def sized(digits):
             return lambda rng: (rng.randint(10 ** (digits - 1), 10 ** digits - 1), "+",
                                 rng.randint(10 ** (digits - 1), 10 ** digits - 1))
+
+        def tasks_for(rng, split, count, cot=False):   # half with 3 digits, half with 4
+            problems = (self._draw_problems(rng, count // 2, used, sized(3))
+                        + self._draw_problems(rng, count - count // 2, used, sized(4)))
+            return [self._arithmetic_task(rng, "cot", a, op, b, split, cot) for a, op, b in problems]
         used = set()
-        eval_problems = self._draw_problems(rng, 25, used, sized(3)) + self._draw_problems(rng, 25, used, sized(4))
-        tasks["eval"] += [self._arithmetic_task(rng, "cot", a, op, b, "eval") for a, op, b in eval_problems]
+        eval_tasks = tasks_for(rng, "eval", 50)
+        tasks["eval"] += eval_tasks
         for split, worked, direct in (("sft", 120, 60), ("reward", 30, 30), ("rl", 30, 30)):
-            for cot, count in ((True, worked), (False, direct)):
-                problems = (self._draw_problems(rng, count // 2, used, sized(3))
-                            + self._draw_problems(rng, count - count // 2, used, sized(4)))
-                tasks[split] += [self._arithmetic_task(rng, "cot", a, op, b, split, cot) for a, op, b in problems]
+            tasks[split] += tasks_for(rng, split, worked, cot=True) + tasks_for(rng, split, direct)
         # More worked examples for SFT: a scratchpad line is only as good as its one-digit sum, and the base
         # model gets those right only 69-78% of the time. With 120 worked SFT examples the SFT model added
         # 62% of the held-out numbers right; with 480 more, 92% (same base model). They come from their own
         # random stream, so every other task (and the corpus) stays as it was.
         extra_rng = random.Random(f"{self.seed}:more worked additions")
-        problems = (self._draw_problems(extra_rng, SFT_EXTRA_WORKED // 2, used, sized(3))
-                    + self._draw_problems(extra_rng, SFT_EXTRA_WORKED - SFT_EXTRA_WORKED // 2, used, sized(4)))
-        tasks["sft"] += [self._arithmetic_task(extra_rng, "cot", a, op, b, "sft", True) for a, op, b in problems]
-        self._eval_cot = set(eval_problems)
+        tasks["sft"] += tasks_for(extra_rng, "sft", SFT_EXTRA_WORKED, cot=True)
+        self._eval_cot = {self._parse(task.prompt).numbers for task in eval_tasks}
 
     def _calculator_tasks(self, rng, tasks):
         def large(rng):
