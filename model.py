@@ -43,6 +43,7 @@ class GPTConfig:
     n_embd: int = 128         # the width of the residual stream; n_embd / n_head per attention head
     dropout: float = 0.0      # 0 for pretraining on small data in few steps; 0.1 helps long runs overfit less
     scalar_head: bool = False  # add a linear head that reads one number (a reward or a value) per position
+    reward_logprob_weight: float = 0.0  # reward.py: the reward adds this x the mean log-probability of the response
 
     def __post_init__(self):
         if min(self.vocab_size, self.block_size, self.n_layer, self.n_head, self.n_embd) < 1:

@@ -15,7 +15,7 @@ import torch
 from bpe import UsageError
 from model import load_checkpoint, load_model, parse_config
 from reward import (Comparison, Config, batch_loss, clear_pair_accuracy, main, pad_batch, pairwise_loss,
-                    rank_by_scores, read_preferences, reward_input_ids, reward_scores, sample_comparisons,
+                    rank_by_scores, read_preferences, reward_input_ids, reward_scores, rewards_of, sample_comparisons,
                     spearman, spearman_within_prompts, split_by_prompt, split_heldout, write_comparisons)
 
 
@@ -29,9 +29,11 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture
-def reward_model(tmp_path, make_checkpoint):
-    model, tokenizer, _ = load_model(make_checkpoint(tmp_path / "reward.pt", "reward"), stages="reward")
+@pytest.fixture(params=[0.0, 1.0], ids=["head alone", "head + log-probability"])
+def reward_model(request, tmp_path, make_checkpoint):
+    """A tiny random reward model, with and without the log-probability part of the reward."""
+    path = make_checkpoint(tmp_path / "reward.pt", "reward", reward_logprob_weight=request.param)
+    model, tokenizer, _ = load_model(path, stages="reward")
     return model, tokenizer
 
 
@@ -41,18 +43,34 @@ PAIRS = [("What is 2 + 3?", "2 + 3 = 5."), ("Name a colour.", "Blue, I think, or
 
 def test_reward_is_read_at_the_reward_token(reward_model):
     model, tokenizer = reward_model
-    ids = reward_input_ids(tokenizer, *PAIRS[0], model.config.block_size)
-    assert ids[-1] == tokenizer.special_tokens["<|reward|>"]
-    idx = torch.tensor([ids])
+    ids, mask = reward_input_ids(tokenizer, *PAIRS[0], model.config.block_size)
+    assert ids[-1] == tokenizer.special_tokens["<|reward|>"] and mask[-1] == 0
     position = torch.tensor([len(ids) - 1])
-    alone = model.scalar(idx, position)
+    alone = rewards_of(model, torch.tensor([ids]), position, torch.tensor([mask]))
     # whatever follows the reward token (padding, other text) cannot change the reward
     for tail in ([0, 0, 0], [5, 77, 123, 9, 200], list(range(20))):
-        followed = model.scalar(torch.tensor([ids + tail]), position)
+        followed = rewards_of(model, torch.tensor([ids + tail]), position, torch.tensor([mask + [0] * len(tail)]))
         assert torch.allclose(alone, followed, atol=1e-6)
     # ... but the text before it does
-    other = reward_input_ids(tokenizer, PAIRS[0][0], "2 + 3 = 6.", model.config.block_size)
-    assert not torch.allclose(alone, model.scalar(torch.tensor([other]), torch.tensor([len(other) - 1])))
+    other, other_mask = reward_input_ids(tokenizer, PAIRS[0][0], "2 + 3 = 6.", model.config.block_size)
+    assert not torch.allclose(alone, rewards_of(model, torch.tensor([other]), torch.tensor([len(other) - 1]),
+                                                torch.tensor([other_mask])))
+
+
+def test_reward_is_the_head_plus_the_weighted_mean_logprob_of_the_response(reward_model):
+    """The reference computation, one token at a time: the head at the reward token, plus the weight
+    times the mean of log p(token | everything before it) over the response's tokens."""
+    model, tokenizer = reward_model
+    prompt, response = PAIRS[3]
+    ids, mask = reward_input_ids(tokenizer, prompt, response, model.config.block_size)
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([ids]))
+        logprobs = torch.log_softmax(logits[0].double(), dim=-1)
+        counted = [logprobs[t - 1, ids[t]].item() for t in range(1, len(ids)) if mask[t]]
+        head = model.scalar(torch.tensor([ids]), torch.tensor([len(ids) - 1])).item()
+    assert len(counted) == len(tokenizer.encode(response)) + 1     # the response and its end-of-turn token
+    expected = head + model.config.reward_logprob_weight * sum(counted) / len(counted)
+    assert reward_scores(model, tokenizer, [prompt], [response]).item() == pytest.approx(expected, abs=1e-5)
 
 
 def test_padded_batch_equals_one_by_one(reward_model):
@@ -66,8 +84,9 @@ def test_padded_batch_equals_one_by_one(reward_model):
 
 def test_too_long_input_keeps_the_reward_token(reward_model):
     model, tokenizer = reward_model
-    ids = reward_input_ids(tokenizer, "word " * 400, "fine.", model.config.block_size)
-    assert len(ids) == model.config.block_size and ids[-1] == tokenizer.special_tokens["<|reward|>"]
+    ids, mask = reward_input_ids(tokenizer, "word " * 400, "fine.", model.config.block_size)
+    assert len(ids) == len(mask) == model.config.block_size and ids[-1] == tokenizer.special_tokens["<|reward|>"]
+    assert sum(mask) == len(tokenizer.encode("fine.")) + 1        # the whole response is still in view
 
 
 def test_pad_batch_positions():
@@ -254,7 +273,7 @@ def test_ctrl_c_saves_and_resume_matches_the_uninterrupted_run(tmp_path, make_ch
     assert resumed["steps"] == 30 and resumed["interrupted"] == 0
     resumed_model = load_checkpoint(str(tmp_path / "halves" / "reward.pt"))["model"]
     for name, tensor in straight_model.items():
-        assert torch.allclose(tensor, resumed_model[name], atol=1e-5), name
+        assert torch.allclose(tensor, resumed_model[name], atol=1e-5), (name, (tensor - resumed_model[name]).abs().max().item())
     assert resumed["heldout/pairwise_accuracy"] == pytest.approx(straight["heldout/pairwise_accuracy"])
 
 
