@@ -13,7 +13,8 @@ completions for every prompt of the world's reward and SFT splits (to train on) 
 (held out, to measure on), ranks them with the oracle (equal scores are ties, and a tie gives no pair),
 writes what the "labelers" saw to out/comparisons.jsonl, then trains the reward model: the SFT
 transformer with a new scalar head, loss -log sigmoid(r_better - r_worse) over every ordered pair of a
-prompt's ranking. `--data FILE.jsonl` trains on given
+prompt's ranking. The reward is the head's number plus the transformer's own mean log-probability of
+the response (--logprob_weight; see rewards_of for why: a head alone learns little from this much data). `--data FILE.jsonl` trains on given
 preferences instead: {"prompt", "chosen", "rejected"} lines or {"prompt", "completions", "ranking"}.
 
 Reads top to bottom: config, comparisons (sample and rank, or read), the reward model, the loss, the

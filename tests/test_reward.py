@@ -15,8 +15,9 @@ import torch
 from bpe import UsageError
 from model import load_checkpoint, load_model, parse_config
 from reward import (Comparison, Config, batch_loss, clear_pair_accuracy, main, pad_batch, pairwise_loss,
-                    rank_by_scores, read_preferences, reward_input_ids, reward_scores, rewards_of, sample_comparisons,
-                    spearman, spearman_within_prompts, split_by_prompt, split_heldout, write_comparisons)
+                    rank_by_scores, read_preferences, reward_input_ids, reward_model_from_sft, reward_scores,
+                    rewards_of, sample_comparisons, sft_logprob_rewards, spearman, spearman_within_prompts,
+                    split_by_prompt, split_heldout, write_comparisons)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -362,3 +363,22 @@ def test_logprob_baseline_is_the_mean_log_probability_of_the_response(tmp_path, 
         logprobs = torch.log_softmax(logits[0].double(), dim=-1)
         scored = [logprobs[t - 1, ids[t]].item() for t in range(1, len(ids)) if mask[t]]
         assert batched[row].item() == pytest.approx(sum(scored) / len(scored), abs=1e-4)
+
+
+def test_untrained_reward_is_the_sft_models_mean_logprob_or_zero(tmp_path, make_checkpoint):
+    """The new head starts at zero, so before training the reward is exactly logprob_weight x the SFT
+    model's mean log-probability of the response (the baseline reward.py prints), and 0 for the plain
+    head: a first pairwise loss of log 2."""
+    sft, tokenizer, _ = load_model(make_checkpoint(tmp_path / "sft.pt", "sft"), stages="sft")
+    comparisons = [rank_by_scores(prompt, [response, response[::-1]], [1.0, 0.0]) for prompt, response in PAIRS]
+    prompts = [c.prompt for c in comparisons for _ in c.completions]
+    responses = [text for c in comparisons for text in c.completions]
+    baseline = sft_logprob_rewards(sft, tokenizer, comparisons)
+    for weight in (0.0, 1.0, 2.5):
+        model = reward_model_from_sft(sft, weight)
+        assert model.config.reward_logprob_weight == weight
+        rewards = reward_scores(model, tokenizer, prompts, responses)
+        assert torch.allclose(rewards, weight * baseline, atol=1e-5)
+    plain = reward_model_from_sft(sft, 0.0)
+    _, loss, _, _ = batch_loss(plain, comparisons, tokenizer, Config(), "cpu")
+    assert loss.item() == pytest.approx(math.log(2))
