@@ -1328,6 +1328,25 @@ def measure_json(model, tokenizer, world, tasks, plain, config):
     return metrics
 
 
+REPORT_BEST_OF = 8   # samples per prompt in the report's best-of-N measurement
+
+
+def measure_best_of(model, tokenizer, world, tasks, reward_model, config, n=REPORT_BEST_OF):
+    """The talk's "ensemble multiple attempts": n answers to each prompt at temperature 1, and the one the
+    reward model scores highest. Accuracy of one sample (the mean over all n), of the reward model's
+    pick, and of the oracle's own pick (the most any judge could get out of these n samples).
+    A reward model that can be fooled shows here: its pick can be worse than one sample."""
+    from reward import reward_scores
+    questions = [task.prompt for task in tasks for _ in range(n)]
+    answers = chat_responses(model, tokenizer, questions, temperature=1.0, max_new_tokens=config.max_new_tokens,
+                             seed=config.seed)
+    rewards = reward_scores(reward_model, tokenizer, questions, answers).view(len(tasks), n).cpu()
+    right = torch.tensor([world.is_correct(q, a) for q, a in zip(questions, answers)], dtype=torch.float).view(len(tasks), n)
+    picked = right[torch.arange(len(tasks)), rewards.argmax(dim=1)]
+    return {"one_sample": right.mean().item(), "reward_pick": picked.mean().item(),
+            "oracle_pick": right.max(dim=1).values.mean().item(), "n": n}
+
+
 def parsed_json(text):
     try:
         return json.loads(text)
@@ -1379,6 +1398,14 @@ def report(config, device):
             techniques = measure_techniques(model, tokenizer, world, tasks, figures, config)
             metrics.update({f"techniques/{key}": value for key, value in techniques.items()})
             metrics["techniques/stage"] = stage
+            reward_path = stage_path(config.out_dir, "reward")
+            if os.path.isfile(reward_path):
+                reward_model, reward_tokenizer, _ = load_model(reward_path, stages="reward", device=device)
+                check_same_tokenizer(stage_path(config.out_dir, stage), tokenizer, reward_path, reward_tokenizer)
+                for name in ("facts", "json"):
+                    if family(tasks, name):
+                        best = measure_best_of(model, tokenizer, world, family(tasks, name), reward_model, config)
+                        metrics.update({f"techniques/best_of/{name}/{key}": value for key, value in best.items()})
         metrics[f"{stage}/report_seconds"] = round(time.time() - stage_started, 1)
         print(f"evaluated {stage} in {time.time() - stage_started:.0f}s", file=sys.stderr)
     summaries = stage_summaries(config.out_dir)
@@ -1446,6 +1473,13 @@ def report_markdown(config, stages, families, tasks, metrics, summaries):
                     f"{percent(technique[f'{key}/without/accuracy'])} → {percent(technique[f'{key}/with/accuracy'])}; "
                     f"the mask costs {technique[f'{key}/with/mask_ms_per_token']:.2f} ms/token (generating "
                     f"without it: {technique[f'{key}/without/ms_per_token']:.2f} ms/token) |")
+        for name in ("facts", "json"):
+            key = f"best_of/{name}"
+            if f"{key}/reward_pick" in technique:
+                lines.append(f"| best-of-{technique[f'{key}/n']} (`--best_of`), the reward model picks; {name}, T=1 | "
+                             f"{len(family(tasks, name))} | {percent(technique[f'{key}/one_sample'])} | "
+                             f"{percent(technique[f'{key}/reward_pick'])} | without = one sample; the oracle's own "
+                             f"pick of the {technique[f'{key}/n']}: {percent(technique[f'{key}/oracle_pick'])} |")
     if summaries:
         lines += ["", "## The stages (from each stage's <stage>.json)", "", "| stage | seconds | figures |",
                   "| --- | ---: | --- |"]
@@ -1468,7 +1502,9 @@ def report_plot(path, stages, families, metrics):
                                            ("calculator", "calculator/without", "calculator/with"),
                                            ("retrieval", "retrieval/without", "retrieval/tfidf/with"),
                                            ("JSON parses\n(T=1)", "json/temp1/without/parse_rate",
-                                            "json/temp1/with/parse_rate"))
+                                            "json/temp1/with/parse_rate"),
+                                           ("best-of-N\nfacts (T=1)", "best_of/facts/one_sample",
+                                            "best_of/facts/reward_pick"))
              if metrics.get(f"techniques/{with_}") is not None]
     figure, axes = plt.subplots(1, 2 if pairs else 1, figsize=(13 if pairs else 8, 4),
                                 gridspec_kw={"width_ratios": [2, 1]} if pairs else None, squeeze=False)
