@@ -14,8 +14,9 @@ completions for every prompt of the world's reward and SFT splits (to train on) 
 writes what the "labelers" saw to out/comparisons.jsonl, then trains the reward model: the SFT
 transformer with a new scalar head, loss -log sigmoid(r_better - r_worse) over every ordered pair of a
 prompt's ranking. The reward is the head's number plus the transformer's own mean log-probability of
-the response (--logprob_weight; see rewards_of for why: a head alone learns little from this much data). `--data FILE.jsonl` trains on given
-preferences instead: {"prompt", "chosen", "rejected"} lines or {"prompt", "completions", "ranking"}.
+the response (--logprob_weight; rewards_of says why: a head alone learns little from this much data).
+`--data FILE.jsonl` trains on given preferences instead: {"prompt", "chosen", "rejected"} lines or
+{"prompt", "completions", "ranking"}.
 
 Reads top to bottom: config, comparisons (sample and rank, or read), the reward model, the loss, the
 training loop, evaluation, save.
@@ -432,7 +433,8 @@ def sft_logprob_rewards(sft_model, tokenizer, comparisons, batch_size=64):
         idx, _ = pad_batch([sequences[i] for i in rows], device)
         mask, _ = pad_batch([masks[i] for i in rows], device)   # padded with 0: not counted
         with autocast(device):
-            rewards[torch.tensor(rows)] = mean_response_logprob(sft_model, sft_model.hidden_states(idx), idx, mask).cpu()
+            hidden = sft_model.hidden_states(idx)
+            rewards[torch.tensor(rows)] = mean_response_logprob(sft_model, hidden, idx, mask).cpu()
     return rewards
 
 

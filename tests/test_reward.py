@@ -274,7 +274,7 @@ def test_ctrl_c_saves_and_resume_matches_the_uninterrupted_run(tmp_path, make_ch
     assert resumed["steps"] == 30 and resumed["interrupted"] == 0
     resumed_model = load_checkpoint(str(tmp_path / "halves" / "reward.pt"))["model"]
     for name, tensor in straight_model.items():
-        assert torch.allclose(tensor, resumed_model[name], atol=1e-5), (name, (tensor - resumed_model[name]).abs().max().item())
+        assert torch.allclose(tensor, resumed_model[name], atol=1e-5), name
     assert resumed["heldout/pairwise_accuracy"] == pytest.approx(straight["heldout/pairwise_accuracy"])
 
 

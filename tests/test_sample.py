@@ -197,7 +197,8 @@ def test_report_has_a_row_per_stage_and_family_with_the_numbers_of_a_direct_eval
     assert metrics["techniques/json/greedy/with/parse_rate"] == 1.0   # constrained JSON always parses
     # best-of-N: no judge picks better than the oracle's own pick of the same samples
     for name in ("facts", "json"):
-        best = {key: metrics[f"techniques/best_of/{name}/{key}"] for key in ("one_sample", "reward_pick", "oracle_pick", "n")}
+        best = {key: metrics[f"techniques/best_of/{name}/{key}"]
+                for key in ("one_sample", "reward_pick", "oracle_pick", "n")}
         assert best["n"] == sample.REPORT_BEST_OF
         assert max(best["one_sample"], best["reward_pick"]) <= best["oracle_pick"]
         assert f"| best-of-{best['n']} (`--best_of`), the reward model picks; {name}, T=1 | 2 | " \
