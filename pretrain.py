@@ -757,7 +757,8 @@ def restore(path, model, optimizer, model_config, corpus):
     resume = checkpoint.get("resume")
     if not resume:
         raise UsageError(f"{path} holds no training state to resume (it was not written by pretrain.py)")
-    if checkpoint["model_config"] != dataclasses.asdict(model_config):
+    # through GPTConfig, so that a checkpoint saved before a new config field existed gets its default
+    if dataclasses.asdict(GPTConfig(**checkpoint["model_config"])) != dataclasses.asdict(model_config):
         raise UsageError(f"{path} was trained with another model shape ({checkpoint['model_config']}); "
                          f"give the same options as that run, or start afresh without --resume")
     if resume["data_key"] != corpus.key:

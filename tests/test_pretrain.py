@@ -200,6 +200,19 @@ def test_resume_retraces_the_uninterrupted_run(corpus_file, tmp_path):
         assert torch.allclose(tensor, b["model"][name], atol=1e-5), name
 
 
+def test_a_checkpoint_from_before_a_new_config_field_still_resumes(corpus_file, tmp_path):
+    """GPTConfig gains fields over time (reward_logprob_weight did); a pretrain.pt saved without one
+    is the same model shape and must resume, with the field at its default."""
+    config = tiny_config(corpus_file, tmp_path, max_iters=3, lr_decay_iters=6, eval_interval=3)
+    pretrain.main(config)
+    path = tmp_path / "pretrain.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    del checkpoint["model_config"]["reward_logprob_weight"]
+    torch.save(checkpoint, path)
+    pretrain.main(dataclasses.replace(config, max_iters=6, resume=True))
+    assert resume_state(tmp_path)["step"] == 6
+
+
 def test_ctrl_c_saves_and_exits_cleanly(corpus_file, tmp_path):
     checkpoint = tmp_path / "pretrain.pt"
 
