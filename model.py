@@ -586,6 +586,15 @@ def autocast(device, dtype="auto"):
     return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
 
 
+def full_precision(device):
+    """Turn an enclosing autocast off: for the few small products whose exact values matter more than
+    their speed (a reward model's rankings hang on differences bf16's 8-bit mantissa can blur)."""
+    device_type = str(device).split(":")[0]
+    if device_type in ("cuda", "cpu"):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 @contextlib.contextmanager
 def one_thread_on_cpu(device):
     """Generation is one small step at a time; on a CPU, splitting each small matrix product over

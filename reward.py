@@ -34,8 +34,8 @@ import torch
 from torch.nn import functional as F
 
 from model import (GPT, GPTConfig, Progress, StopRequest, UsageError, atomic_path, autocast, by_length,
-                   chat_responses, choose_device, load_checkpoint, load_model, one_thread_on_cpu, read_jsonl,
-                   render_chat, run_cli, save_checkpoint, set_seed, write_json)
+                   chat_responses, choose_device, full_precision, load_checkpoint, load_model, one_thread_on_cpu,
+                   read_jsonl, render_chat, run_cli, save_checkpoint, set_seed, write_json)
 
 # -----------------------------------------------------------------------------------------------
 # Configuration
@@ -259,16 +259,19 @@ def rewards_of(model, idx, positions, mask):
     of France is Warsaw.") is a token the model thought improbable, so its mean log-probability
     already orders three held-out pairs in four right, before any training, while a freshly added
     head reads nothing at all: with a few thousand comparisons it learns to read little more than
-    length and format (59% on the default run, against 76% for the log-probability). The sum starts
+    length and format (59% on the twelfth default run, against 76% for the log-probability). The sum starts
     from the model's own judgement and the pairwise loss trains both parts: the head, and the
     likelihood itself (this is SimPO's implicit reward, a length-normalised log-probability, added
     to the explicit head). reward_logprob_weight 0 is the plain head of InstructGPT."""
-    hidden = model.hidden_states(idx)
+    if model.scalar_head is None:
+        raise UsageError("this model has no scalar head: load a reward checkpoint (reward.py writes one)")
+    hidden = model.hidden_states(idx).float()
     rows = torch.arange(idx.size(0), device=idx.device)
-    reward = model.scalar_head(hidden[rows, positions]).squeeze(-1).float()
-    weight = model.config.reward_logprob_weight
-    if weight:
-        reward = reward + weight * mean_response_logprob(model, hidden, idx, mask)
+    with full_precision(idx.device):   # the heads in fp32 even under autocast: small differences rank answers
+        reward = model.scalar_head(hidden[rows, positions]).squeeze(-1)
+        weight = model.config.reward_logprob_weight
+        if weight:
+            reward = reward + weight * mean_response_logprob(model, hidden, idx, mask)
     return reward
 
 
@@ -419,7 +422,8 @@ def sft_logprob_rewards(sft_model, tokenizer, comparisons, batch_size=64):
     log-probability per token of each response (the tokens SFT trains on). A sampled wrong answer is
     usually a token the SFT model thought unlikely, so this already ranks many pairs right. With
     --logprob_weight 0 the reward model has that knowledge inside it but must learn to read it out
-    at the reward token; by default its reward starts from this very number (see rewards_of)."""
+    at the reward token; by default its reward starts from this very number (see rewards_of; an input
+    too long for the context sees one token less of its prompt there, to make room for <|reward|>)."""
     device, block_size = next(sft_model.parameters()).device, sft_model.config.block_size
     sequences, masks = [], []
     for comparison in comparisons:
@@ -629,6 +633,12 @@ def main(config: Config) -> dict:
     # --- the reward model
     model = reward_model_from_sft(sft_model, config.logprob_weight).to(device)
     del sft_model
+    if config.logprob_weight and not config.resume:
+        # Start centred. With the log-probability in it, every reward starts near weight x (a mean
+        # log-probability), not at 0, and the centring penalty below would spend its pull on raising the
+        # likelihood of every sample, wrong ones too. One pass over the training samples moves the
+        # head's bias instead.
+        centre_rewards(model, tokenizer, train_set)
     optimizer = model.configure_optimizer(config.learning_rate, config.weight_decay)
     first_step = 0
     history = {"step": [], "train_loss": [], "eval_step": [], "eval_loss": [], "eval_accuracy": []}
@@ -636,6 +646,11 @@ def main(config: Config) -> dict:
         checkpoint = load_checkpoint(reward_path, stages="reward")
         if "resume" not in checkpoint:
             raise UsageError(f"{reward_path} finished training; there is nothing to resume")
+        started_with = checkpoint["model_config"].get("reward_logprob_weight", 0.0)
+        if started_with != config.logprob_weight:
+            raise UsageError(f"{reward_path} was started with --logprob_weight {started_with}; resume with the same")
+        if "uncentred_bias" not in checkpoint["resume"]:
+            raise UsageError(f"{reward_path} was interrupted by an older reward.py; start afresh without --resume")
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["resume"]["optimizer"])
         first_step, history = checkpoint["resume"]["step"], checkpoint["resume"]["history"]

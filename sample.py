@@ -70,7 +70,8 @@ class Config:
                                                            "(the talk's trick) and answer with its first line"})
     compare: bool = field(default=False, metadata={"help": "answer --prompt with every stage present, side by side"})
     best_of: int = field(default=0, metadata={"help": "sample N answers, print the one the reward model likes best"})
-    reward_ckpt: str = field(default="", metadata={"help": "reward model for --best_of; empty = <out_dir>/reward.pt"})
+    reward_ckpt: str = field(default="", metadata={"help": "reward model for --best_of and --report's best-of-8; "
+                                                           "empty = <out_dir>/reward.pt"})
     verbose: bool = field(default=False, metadata={"help": "--best_of: show all N answers with their rewards; "
                                                            "retrieval: show the passages"})
     report: bool = field(default=False, metadata={"help": "evaluate every stage present on the held-out prompts "
@@ -1341,10 +1342,16 @@ def measure_best_of(model, tokenizer, world, tasks, reward_model, config, n=REPO
     answers = chat_responses(model, tokenizer, questions, temperature=1.0, max_new_tokens=config.max_new_tokens,
                              seed=config.seed)
     rewards = reward_scores(reward_model, tokenizer, questions, answers).view(len(tasks), n).cpu()
-    right = torch.tensor([world.is_correct(q, a) for q, a in zip(questions, answers)], dtype=torch.float).view(len(tasks), n)
-    picked = right[torch.arange(len(tasks)), rewards.argmax(dim=1)]
+    right = torch.tensor([world.is_correct(q, a) for q, a in zip(questions, answers)], dtype=torch.float)
+    return {**best_of_accuracies(right.view(len(tasks), n), rewards), "n": n}
+
+
+def best_of_accuracies(right, rewards):
+    """right, rewards: [prompts, n] (1.0 = the oracle says right). -> the accuracy of one sample (the
+    mean over all), of the highest-reward sample of each prompt, and of the best one (any right)."""
+    picked = right[torch.arange(right.size(0)), rewards.argmax(dim=1)]
     return {"one_sample": right.mean().item(), "reward_pick": picked.mean().item(),
-            "oracle_pick": right.max(dim=1).values.mean().item(), "n": n}
+            "oracle_pick": right.max(dim=1).values.mean().item()}
 
 
 def parsed_json(text):
@@ -1398,7 +1405,7 @@ def report(config, device):
             techniques = measure_techniques(model, tokenizer, world, tasks, figures, config)
             metrics.update({f"techniques/{key}": value for key, value in techniques.items()})
             metrics["techniques/stage"] = stage
-            reward_path = stage_path(config.out_dir, "reward")
+            reward_path = config.reward_ckpt or stage_path(config.out_dir, "reward")
             if os.path.isfile(reward_path):
                 reward_model, reward_tokenizer, _ = load_model(reward_path, stages="reward", device=device)
                 check_same_tokenizer(stage_path(config.out_dir, stage), tokenizer, reward_path, reward_tokenizer)

@@ -1,6 +1,7 @@
 """reward.py: the reward is read at the reward token, the pairwise loss is the textbook one, the
 comparison files round-trip, and a reward model really learns a preference."""
 
+import dataclasses
 import json
 import math
 import os
@@ -14,7 +15,7 @@ import torch
 
 from bpe import UsageError
 from model import load_checkpoint, load_model, parse_config
-from reward import (Comparison, Config, batch_loss, clear_pair_accuracy, main, pad_batch, pairwise_loss,
+from reward import (Comparison, Config, batch_loss, centre_rewards, clear_pair_accuracy, main, pad_batch, pairwise_loss,
                     rank_by_scores, read_preferences, reward_input_ids, reward_model_from_sft, reward_scores,
                     rewards_of, sample_comparisons, sft_logprob_rewards, spearman, spearman_within_prompts,
                     split_by_prompt, split_heldout, write_comparisons)
@@ -382,3 +383,33 @@ def test_untrained_reward_is_the_sft_models_mean_logprob_or_zero(tmp_path, make_
     plain = reward_model_from_sft(sft, 0.0)
     _, loss, _, _ = batch_loss(plain, comparisons, tokenizer, Config(), "cpu")
     assert loss.item() == pytest.approx(math.log(2))
+
+
+def test_centring_moves_the_mean_reward_to_zero_through_the_head_alone(tmp_path, make_checkpoint):
+    """With the log-probability in it a reward starts far from 0; centre_rewards shifts only the head's
+    bias, so every pair's margin (all the loss sees) stays exactly what it was."""
+    sft, tokenizer, _ = load_model(make_checkpoint(tmp_path / "sft.pt", "sft"), stages="sft")
+    model = reward_model_from_sft(sft, 1.0)
+    comparisons = [rank_by_scores(prompt, [response, response[::-1], "ok"], [1.0, 0.5, 0.0]) for prompt, response in PAIRS]
+    prompts = [c.prompt for c in comparisons for _ in c.completions]
+    responses = [text for c in comparisons for text in c.completions]
+    before = reward_scores(model, tokenizer, prompts, responses)
+    offset = centre_rewards(model, tokenizer, comparisons)
+    after = reward_scores(model, tokenizer, prompts, responses)
+    assert before.mean().item() < -1.0 and offset == pytest.approx(before.mean().item(), abs=1e-5)
+    assert abs(after.mean().item()) < 1e-5
+    assert torch.allclose(after - after[0], before - before[0], atol=1e-5)
+
+
+def test_resume_with_another_logprob_weight_is_a_clear_error(tmp_path, make_checkpoint):
+    sft = make_checkpoint(tmp_path / "sft.pt", "sft")
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in synthetic_preferences(20, seed=2)))
+    config = Config(out_dir=str(tmp_path / "run"), init_from=sft, data=str(data), device="cpu", max_iters=2,
+                    prompts_per_step=4, examples=0)
+    main(config)
+    checkpoint = load_checkpoint(str(tmp_path / "run" / "reward.pt"))
+    checkpoint["resume"] = {"step": 1}     # as if interrupted after one step
+    torch.save(checkpoint, tmp_path / "run" / "reward.pt")
+    with pytest.raises(UsageError, match="--logprob_weight 1.0; resume with the same"):
+        main(dataclasses.replace(config, logprob_weight=0.0, resume=True))

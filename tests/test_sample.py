@@ -207,6 +207,13 @@ def test_report_has_a_row_per_stage_and_family_with_the_numbers_of_a_direct_eval
     assert json.loads((tmp_path / "report.json").read_text())["seconds"] == metrics["seconds"]
 
 
+def test_best_of_n_takes_the_highest_reward_of_each_prompt():
+    right = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    rewards = torch.tensor([[0.1, 0.9, -2.0], [-1.0, 3.0, 0.5], [5.0, 1.0, 2.0]])   # picks 1, 1, 0
+    assert sample.best_of_accuracies(right, rewards) == {
+        "one_sample": pytest.approx(2 / 9), "reward_pick": pytest.approx(1 / 3), "oracle_pick": pytest.approx(2 / 3)}
+
+
 # --- bad input ---------------------------------------------------------------------------------
 
 def test_a_missing_checkpoint_is_one_clear_line(tmp_path):
