@@ -556,8 +556,19 @@ def score_one(config):
     path = os.path.join(config.out_dir, "reward.pt")
     model, tokenizer, _ = load_model(path, stages="reward", device=choose_device(config.device))
     reward = reward_scores(model, tokenizer, [config.score[0]], [config.score[1]])[0].item()
-    print(f"{reward:+.4f}")
-    return {"reward": reward}
+    weight = model.config.reward_logprob_weight
+    if not weight:
+        print(f"{reward:+.4f}")
+        return {"reward": reward}
+    # the two parts of the reward, so a learner sees which one decided
+    ids, mask = reward_input_ids(tokenizer, config.score[0], config.score[1], model.config.block_size)
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        idx, mask = torch.tensor([ids], device=device), torch.tensor([mask], device=device)
+        logprob = mean_response_logprob(model, model.hidden_states(idx).float(), idx, mask).item()
+    print(f"{reward:+.4f}  (head {reward - weight * logprob:+.4f}, plus {weight:g} x the mean log-probability "
+          f"per token of the response, {logprob:.4f})")
+    return {"reward": reward, "head": reward - weight * logprob, "logprob": logprob}
 
 
 # -----------------------------------------------------------------------------------------------

@@ -237,6 +237,8 @@ def test_reward_model_learns_a_preference(tmp_path, make_checkpoint):
     prompt, response = "the cat?", "the dog is good."
     scored = main(parse_config(Config, ["--out_dir", str(tmp_path / "run"), "--score", prompt, response]))
     assert scored["reward"] == pytest.approx(reward_scores(model, tokenizer, [prompt], [response]).item(), abs=1e-5)
+    assert scored["head"] + model.config.reward_logprob_weight * scored["logprob"] == pytest.approx(scored["reward"], abs=1e-5)
+    assert scored["logprob"] < 0
     # and the model prefers the good words to the bad ones in a sentence it has never seen
     good = reward_scores(model, tokenizer, [prompt] * len(GOOD), [f"the dog is {word}." for word in GOOD])
     bad = reward_scores(model, tokenizer, [prompt] * len(BAD), [f"the dog is {word}." for word in BAD])
