@@ -263,16 +263,22 @@ def rewards_of(model, idx, positions, mask):
     from the model's own judgement and the pairwise loss trains both parts: the head, and the
     likelihood itself (this is SimPO's implicit reward, a length-normalised log-probability, added
     to the explicit head). reward_logprob_weight 0 is the plain head of InstructGPT."""
+    head, logprob = reward_parts(model, idx, positions, mask)
+    weight = model.config.reward_logprob_weight
+    return head + weight * logprob if weight else head
+
+
+def reward_parts(model, idx, positions, mask):
+    """The two parts of rewards_of, from one forward pass: (the head's number at each row's <|reward|>
+    token, the mean log-probability of each row's response; None when the reward does not use it)."""
     if model.scalar_head is None:
         raise UsageError("this model has no scalar head: load a reward checkpoint (reward.py writes one)")
     hidden = model.hidden_states(idx).float()
     rows = torch.arange(idx.size(0), device=idx.device)
     with full_precision(idx.device):   # the heads in fp32 even under autocast: small differences rank answers
-        reward = model.scalar_head(hidden[rows, positions]).squeeze(-1)
-        weight = model.config.reward_logprob_weight
-        if weight:
-            reward = reward + weight * mean_response_logprob(model, hidden, idx, mask)
-    return reward
+        head = model.scalar_head(hidden[rows, positions]).squeeze(-1)
+        logprob = mean_response_logprob(model, hidden, idx, mask) if model.config.reward_logprob_weight else None
+    return head, logprob
 
 
 @torch.no_grad()
@@ -420,26 +426,14 @@ def evaluate(model, tokenizer, comparisons, batch_prompts=64):
 def sft_logprob_rewards(sft_model, tokenizer, comparisons, batch_size=64):
     """A reward with no training at all, to measure the trained one against: the SFT model's mean
     log-probability per token of each response (the tokens SFT trains on). A sampled wrong answer is
-    usually a token the SFT model thought unlikely, so this already ranks many pairs right. With
-    --logprob_weight 0 the reward model has that knowledge inside it but must learn to read it out
-    at the reward token; by default its reward starts from this very number (see rewards_of; an input
-    too long for the context sees one token less of its prompt there, to make room for <|reward|>)."""
-    device, block_size = next(sft_model.parameters()).device, sft_model.config.block_size
-    sequences, masks = [], []
-    for comparison in comparisons:
-        for text in comparison.completions:
-            ids, mask = render_chat(tokenizer, [{"role": "user", "content": comparison.prompt},
-                                                {"role": "assistant", "content": text}])
-            sequences.append(ids[-block_size:])
-            masks.append(mask[-block_size:])
-    rewards = torch.zeros(len(sequences))
-    for rows in by_length(sequences, batch_size):
-        idx, _ = pad_batch([sequences[i] for i in rows], device)
-        mask, _ = pad_batch([masks[i] for i in rows], device)   # padded with 0: not counted
-        with autocast(device):
-            hidden = sft_model.hidden_states(idx)
-            rewards[torch.tensor(rows)] = mean_response_logprob(sft_model, hidden, idx, mask).cpu()
-    return rewards
+    usually a token the SFT model thought unlikely, so this already ranks many pairs right. It is the
+    reward of the untrained reward model with logprob_weight 1 (its head starts at zero), which is
+    where the default reward model starts; with --logprob_weight 0 the reward model has this knowledge
+    inside it but must learn to read it out at the reward token."""
+    prompts = [c.prompt for c in comparisons for _ in c.completions]
+    responses = [text for c in comparisons for text in c.completions]
+    untrained = reward_model_from_sft(sft_model, logprob_weight=1.0).to(next(sft_model.parameters()).device)
+    return reward_scores(untrained, tokenizer, prompts, responses, batch_size).cpu()
 
 
 def logprob_baseline(sft_model, tokenizer, comparisons):
@@ -564,11 +558,12 @@ def score_one(config):
     ids, mask = reward_input_ids(tokenizer, config.score[0], config.score[1], model.config.block_size)
     device = next(model.parameters()).device
     with torch.no_grad():
-        idx, mask = torch.tensor([ids], device=device), torch.tensor([mask], device=device)
-        logprob = mean_response_logprob(model, model.hidden_states(idx).float(), idx, mask).item()
-    print(f"{reward:+.4f}  (head {reward - weight * logprob:+.4f}, plus {weight:g} x the mean log-probability "
-          f"per token of the response, {logprob:.4f})")
-    return {"reward": reward, "head": reward - weight * logprob, "logprob": logprob}
+        head, logprob = reward_parts(model, torch.tensor([ids], device=device), torch.tensor([len(ids) - 1], device=device),
+                                     torch.tensor([mask], device=device))
+    head, logprob = head.item(), logprob.item()
+    print(f"{reward:+.4f}  (head {head:+.4f}, plus {weight:g} x the mean log-probability per token of the "
+          f"response, {logprob:.4f})")
+    return {"reward": reward, "head": head, "logprob": logprob}
 
 
 # -----------------------------------------------------------------------------------------------
