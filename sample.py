@@ -1346,6 +1346,18 @@ def measure_best_of(model, tokenizer, world, tasks, reward_model, config, n=REPO
     return {**best_of_accuracies(right.view(len(tasks), n), rewards), "n": n}
 
 
+def measure_best_of_families(model, tokenizer, stage, world, tasks, config, device):
+    """measure_best_of on the fact and JSON questions, when there is a reward model to pick with."""
+    reward_path = config.reward_ckpt or stage_path(config.out_dir, "reward")
+    if not os.path.isfile(reward_path):
+        return {}
+    reward_model, reward_tokenizer, _ = load_model(reward_path, stages="reward", device=device)
+    check_same_tokenizer(stage_path(config.out_dir, stage), tokenizer, reward_path, reward_tokenizer)
+    return {f"{name}/{key}": value for name in ("facts", "json") if family(tasks, name)
+            for key, value in measure_best_of(model, tokenizer, world, family(tasks, name), reward_model,
+                                              config).items()}
+
+
 def best_of_accuracies(right, rewards):
     """right, rewards: [prompts, n] (1.0 = the oracle says right). -> the accuracy of one sample (the
     mean over all), of the highest-reward sample of each prompt, and of the best one (any right)."""
@@ -1405,14 +1417,8 @@ def report(config, device):
             techniques = measure_techniques(model, tokenizer, world, tasks, figures, config)
             metrics.update({f"techniques/{key}": value for key, value in techniques.items()})
             metrics["techniques/stage"] = stage
-            reward_path = config.reward_ckpt or stage_path(config.out_dir, "reward")
-            if os.path.isfile(reward_path):
-                reward_model, reward_tokenizer, _ = load_model(reward_path, stages="reward", device=device)
-                check_same_tokenizer(stage_path(config.out_dir, stage), tokenizer, reward_path, reward_tokenizer)
-                for name in ("facts", "json"):
-                    if family(tasks, name):
-                        best = measure_best_of(model, tokenizer, world, family(tasks, name), reward_model, config)
-                        metrics.update({f"techniques/best_of/{name}/{key}": value for key, value in best.items()})
+            metrics.update({f"techniques/best_of/{key}": value for key, value in
+                            measure_best_of_families(model, tokenizer, stage, world, tasks, config, device).items()})
         metrics[f"{stage}/report_seconds"] = round(time.time() - stage_started, 1)
         print(f"evaluated {stage} in {time.time() - stage_started:.0f}s", file=sys.stderr)
     summaries = stage_summaries(config.out_dir)
