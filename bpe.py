@@ -511,11 +511,20 @@ class Tokenizer:
 
 TOOL_OUTPUT_SPECIALS = {"<|calc|>", "<|result|>", "<|/result|>"}
 
+# Every message is encoded after one space, as SentencePiece's "dummy prefix" does. Byte-level BPE gives a
+# word at the very start of a text other tokens than the same word after a space: " Mexico" is one token,
+# "Mexico" is "M" + "exico". Names in questions and in the pretraining text are the first kind; without
+# the space an answer would start with the second, and SFT teaches the model to spell out there only the
+# names it shows ("Which continent is Mexico in?" -> "Vietnam is in Asia."). Measured on the same base
+# model: continent questions about countries known from pretraining only, 1% right without it, 75% with.
+MESSAGE_PREFIX = " "
+
 
 def render_chat(tokenizer, messages, add_generation_prompt=False):
     """messages: [{"role": "user" | "assistant", "content": str}, ...] -> (ids, train_mask).
 
-    Each turn is <|user|> content <|end|> or <|assistant|> content <|end|>. User content never yields a
+    Each turn is <|user|> content <|end|> or <|assistant|> content <|end|>, the content encoded after
+    MESSAGE_PREFIX (see above; response_text takes it off a generated answer). User content never yields a
     special token; assistant content may contain the calculator's markers. train_mask[i] is 1 exactly
     where the model should learn to produce ids[i]: assistant content and the <|end|> closing an assistant
     turn — except the tool's output, the tokens after <|result|> up to and including <|/result|>, which the
@@ -531,11 +540,11 @@ def render_chat(tokenizer, messages, add_generation_prompt=False):
             raise UsageError(f"message {number} must be {{\"role\": ..., \"content\": str}}, got {message!r:.80}")
         role = message.get("role")
         if role == "user":
-            content = tokenizer.encode(message["content"])
+            content = tokenizer.encode(MESSAGE_PREFIX + message["content"])
             ids += [specials["<|user|>"], *content, specials["<|end|>"]]
             mask += [0] * (len(content) + 2)
         elif role == "assistant":
-            content = tokenizer.encode(message["content"], allowed_special=TOOL_OUTPUT_SPECIALS)
+            content = tokenizer.encode(MESSAGE_PREFIX + message["content"], allowed_special=TOOL_OUTPUT_SPECIALS)
             ids.append(specials["<|assistant|>"])
             mask.append(0)
             in_tool_output = False
@@ -555,6 +564,12 @@ def render_chat(tokenizer, messages, add_generation_prompt=False):
         ids.append(specials["<|assistant|>"])
         mask.append(0)
     return ids, mask
+
+
+def response_text(tokenizer, ids):
+    """The assistant's generated tokens -> its message: the text without render_chat's MESSAGE_PREFIX."""
+    text = tokenizer.decode(ids)
+    return text[len(MESSAGE_PREFIX):] if text.startswith(MESSAGE_PREFIX) else text
 
 
 # -----------------------------------------------------------------------------------------------------

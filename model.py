@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from bpe import Tokenizer, UsageError, render_chat
+from bpe import Tokenizer, UsageError, render_chat, response_text
 
 IGNORE_INDEX = -1  # a target with this value contributes nothing to the loss
 
@@ -936,7 +936,7 @@ def chat_responses(model, tokenizer, prompts, temperature=0.0, max_new_tokens=12
                                      top_k=top_k, top_p=top_p, stop_tokens=stops, seed=batch_seed)
         for generation in generations:
             tokens = generation.tokens[:-1] if generation.stopped else generation.tokens
-            responses.append(tokenizer.decode(tokens))
+            responses.append(response_text(tokenizer, tokens))
     return responses
 
 

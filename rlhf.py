@@ -38,8 +38,8 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from model import (Progress, UsageError, autocast, by_length, chat_responses, check_same_tokenizer,
-                   choose_device, load_checkpoint, load_model, plot_curves, render_chat, run_cli, save_checkpoint,
-                   set_seed, write_json)
+                   choose_device, load_checkpoint, load_model, plot_curves, render_chat, response_text, run_cli,
+                   save_checkpoint, set_seed, write_json)
 
 # -----------------------------------------------------------------------------------------------
 # Configuration
@@ -163,7 +163,7 @@ def sample_rollout(policy, tokenizer, prompts, samples_per_prompt, max_new_token
         for i, generation in zip(group, results):
             generations[i] = generation
     tokens = [g.tokens for g in generations]
-    responses = [tokenizer.decode(t[:-1] if g.stopped else t) for t, g in zip(tokens, generations)]
+    responses = [response_text(tokenizer, t[:-1] if g.stopped else t) for t, g in zip(tokens, generations)]
     sequences = [p + t for p, t in zip(repeated, tokens)]
     action_masks = [[0] * len(p) + [1] * len(t) for p, t in zip(repeated, tokens)]
     idx, mask = pad_sequences(sequences, action_masks, next(policy.parameters()).device)

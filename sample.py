@@ -41,7 +41,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from bpe import UsageError, render_chat
+from bpe import MESSAGE_PREFIX, UsageError, render_chat, response_text
 from model import (answer_stops, atomic_path, autocast, chat_responses, check_same_tokenizer, choose_device,
                    load_checkpoint, load_model, one_thread_on_cpu, prompt_room, run_cli, write_json)
 
@@ -282,14 +282,19 @@ def chat_prompt(tokenizer, messages, block_size, max_new_tokens):
 
 class TextStream:
     """Token ids -> printable text as they arrive. A character can span several byte-level tokens, so
-    bytes are decoded incrementally and printed once whole."""
+    bytes are decoded incrementally and printed once whole. For a chat answer (message=True) the space
+    render_chat puts before every message is not printed."""
 
-    def __init__(self, tokenizer, file=sys.stdout):
+    def __init__(self, tokenizer, file=sys.stdout, message=False):
         self.tokenizer, self.file = tokenizer, file
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.skip = MESSAGE_PREFIX if message else ""
 
     def __call__(self, _index, token):
         text = self.decoder.decode(self.tokenizer.decode_bytes([token]))
+        if text and self.skip:
+            text = text[len(self.skip):] if text.startswith(self.skip) else text
+            self.skip = ""
         if text:
             print(text, end="", file=self.file, flush=True)
 
@@ -322,7 +327,7 @@ def chat_answers(model, tokenizer, questions, sampling, batch_size=64, stats=Non
         rendered = [chat_prompt(tokenizer, [{"role": "user", "content": question}], model.config.block_size,
                                 sampling.max_new_tokens)[0] for question in questions[start:start + batch_size]]
         seeded = Sampling(**{**sampling.__dict__, "seed": None if sampling.seed is None else sampling.seed + start})
-        answers += [tokenizer.decode(answer)
+        answers += [response_text(tokenizer, answer)
                     for answer in generate_answers(model, tokenizer, rendered, seeded, answer_stops(tokenizer),
                                                    stats=stats)]
     return answers
@@ -390,7 +395,7 @@ def chat(config, model, tokenizer, checkpoint, path, retriever):
                 print(f"(unknown command {command}: try /reset, /quit or /temperature X)")
             continue
         sampling.seed = None if config.seed is None else sampling.seed + 1   # a new draw each turn
-        stream = TextStream(tokenizer)
+        stream = TextStream(tokenizer, message=stage != "pretrain")
         if stage == "pretrain":
             complete_document(model, tokenizer, line, sampling, world, stream)
             continue
@@ -405,7 +410,7 @@ def chat(config, model, tokenizer, checkpoint, path, retriever):
         answer = generate_answers(model, tokenizer, [ids], sampling, answer_stops(tokenizer),
                                   on_token=stream)[0]
         stream.finish()
-        messages = messages + [{"role": "assistant", "content": tokenizer.decode(answer)}]
+        messages = messages + [{"role": "assistant", "content": response_text(tokenizer, answer)}]
 
 
 def complete_document(model, tokenizer, text, sampling, world, stream=None):
@@ -441,7 +446,7 @@ def answer_prompt(model, tokenizer, checkpoint, question, sampling, config, retr
     ids, _, dropped = chat_prompt(tokenizer, [{"role": "user", "content": content}], model.config.block_size,
                                   sampling.max_new_tokens)
     answers = generate_answers(model, tokenizer, [ids] * num_samples, sampling, answer_stops(tokenizer))
-    return [tokenizer.decode(answer) for answer in answers]
+    return [response_text(tokenizer, answer) for answer in answers]
 
 
 def one_shot(config, model, tokenizer, checkpoint, retriever):
@@ -493,7 +498,7 @@ def best_of_n(config, model, tokenizer, checkpoint, path, device, retriever):
     ids, _, _ = chat_prompt(tokenizer, [{"role": "user", "content": question}], model.config.block_size,
                             sampling.max_new_tokens)
     answers = generate_answers(model, tokenizer, [ids] * config.best_of, sampling, answer_stops(tokenizer))
-    answers = [tokenizer.decode(answer) for answer in answers]
+    answers = [response_text(tokenizer, answer) for answer in answers]
     rewards = reward_scores(reward_model, tokenizer, [question] * len(answers), answers).tolist()
     best = max(range(len(answers)), key=lambda k: rewards[k])
     if config.verbose:

@@ -70,7 +70,7 @@ def test_reward_is_the_head_plus_the_weighted_mean_logprob_of_the_response(rewar
         logprobs = torch.log_softmax(logits[0].double(), dim=-1)
         counted = [logprobs[t - 1, ids[t]].item() for t in range(1, len(ids)) if mask[t]]
         head = model.scalar(torch.tensor([ids]), torch.tensor([len(ids) - 1])).item()
-    assert len(counted) == len(tokenizer.encode(response)) + 1     # the response and its end-of-turn token
+    assert len(counted) == len(tokenizer.encode(" " + response)) + 1   # the response (after its MESSAGE_PREFIX) and <|end|>
     expected = head + model.config.reward_logprob_weight * sum(counted) / len(counted)
     assert reward_scores(model, tokenizer, [prompt], [response]).item() == pytest.approx(expected, abs=1e-5)
 
@@ -88,7 +88,7 @@ def test_too_long_input_keeps_the_reward_token(reward_model):
     model, tokenizer = reward_model
     ids, mask = reward_input_ids(tokenizer, "word " * 400, "fine.", model.config.block_size)
     assert len(ids) == len(mask) == model.config.block_size and ids[-1] == tokenizer.special_tokens["<|reward|>"]
-    assert sum(mask) == len(tokenizer.encode("fine.")) + 1        # the whole response is still in view
+    assert sum(mask) == len(tokenizer.encode(" fine.")) + 1       # the whole response is still in view
 
 
 def test_pad_batch_positions():

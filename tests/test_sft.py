@@ -42,22 +42,23 @@ def test_loss_counts_exactly_the_assistant_tokens_and_their_end(tiny_tokenizer):
                 {"role": "assistant", "content": "2 + 2 = 4."}]
     inputs, targets, truncated = sft.encode_conversation(tiny_tokenizer, messages, block_size=128)
     assert not truncated and len(inputs) == len(targets)
-    assert trained_runs(tiny_tokenizer, targets) == ["The capital of Peru is Lima.<|end|>", "2 + 2 = 4.<|end|>"]
+    # (each message is encoded after one space: bpe.MESSAGE_PREFIX)
+    assert trained_runs(tiny_tokenizer, targets) == [" The capital of Peru is Lima.<|end|>", " 2 + 2 = 4.<|end|>"]
     # Each trained target is the next input token: the model reads ids[:-1] and predicts ids[1:].
     for position, target in enumerate(targets[:-1]):
         if target != IGNORE_INDEX:
             assert inputs[position + 1] == target
     # Everything else - the user's turns, the role markers - is context only.
     untrained = [inputs[position + 1] for position, target in enumerate(targets[:-1]) if target == IGNORE_INDEX]
-    assert tiny_tokenizer.decode(untrained) == ("What is the capital of Peru?<|end|><|assistant|>"
-                                                "<|user|>And 2 + 2?<|end|><|assistant|>")
+    assert tiny_tokenizer.decode(untrained) == (" What is the capital of Peru?<|end|><|assistant|>"
+                                                "<|user|> And 2 + 2?<|end|><|assistant|>")
 
 
 def test_calculator_output_is_not_trained(tiny_tokenizer):
     messages = [{"role": "user", "content": "What is 12 * 3?"},
                 {"role": "assistant", "content": "<|calc|>12 * 3<|result|>36<|/result|> 12 * 3 = 36."}]
     _, targets, _ = sft.encode_conversation(tiny_tokenizer, messages, block_size=128)
-    assert trained_runs(tiny_tokenizer, targets) == ["<|calc|>12 * 3<|result|>", " 12 * 3 = 36.<|end|>"]
+    assert trained_runs(tiny_tokenizer, targets) == [" <|calc|>12 * 3<|result|>", " 12 * 3 = 36.<|end|>"]
 
 
 def test_long_conversations_are_truncated_and_counted(tiny_tokenizer, capsys):

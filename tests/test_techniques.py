@@ -314,7 +314,7 @@ def test_cot_asks_for_the_steps(tmp_path, make_checkpoint, recorded_prompts):
     path = make_checkpoint(tmp_path / "sft.pt", "sft")
     _, tokenizer, _ = load_model(path)
     sample.main(sample.Config(ckpt=path, prompt="What is 123 + 456?", cot=True, max_new_tokens=4))
-    assert f"<|user|>{COT_PREFIX}What is 123 + 456?<|end|>" in tokenizer.decode(recorded_prompts[-1])
+    assert f"<|user|> {COT_PREFIX}What is 123 + 456?<|end|>" in tokenizer.decode(recorded_prompts[-1])
 
 
 def test_json_from_the_command_line_always_parses(tmp_path, make_checkpoint):
