@@ -96,6 +96,18 @@ def test_chat_through_stdin(tmp_path, make_checkpoint, monkeypatch, capsys, reco
     assert third == reset                                # ... and after /reset only itself
 
 
+def test_a_streamed_chat_answer_leaves_out_the_space_render_chat_puts_before_it(tiny_tokenizer):
+    answer = [token for token, trained in zip(*render_chat(tiny_tokenizer, [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "Paris is big."}])) if trained][:-1]
+    for message, expected in ((True, "Paris is big."), (False, " Paris is big.")):
+        printed = io.StringIO()
+        stream = sample.TextStream(tiny_tokenizer, file=printed, message=message)
+        for token in answer:
+            stream(0, token)
+        stream.finish()
+        assert printed.getvalue() == expected + "\n"   # a base model's continuation keeps its space
+
+
 def test_chat_as_a_subprocess_reads_until_end_of_input(tmp_path, make_checkpoint):
     path = make_checkpoint(tmp_path / "sft.pt", "sft")
     result = run_script("--ckpt", path, "--max_new_tokens", "6", stdin="hi\n/reset\nhi again\n")
