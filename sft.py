@@ -17,8 +17,8 @@ Three details matter on a model this small:
     few enough to memorise (measured: retrieval 0% without, 90-94% with).
 
 The talk's finetuning advice lives here too: `--lora_rank 8` trains small low-rank adapters while the
-GPT stays frozen (they fit more slowly than the whole model: on the world's pairs alone they match
-full SFT at 800 steps, with the reading practice they reach 70-85% of it), and
+GPT stays frozen (they fit more slowly than the whole model, and need a 10x larger learning rate to reach
+91-94% of full SFT's accuracy; they forget less of what pretraining taught), and
 `--base_precision int8` holds that frozen part in 8 bits.
 
     python sft.py --show_example                         # one conversation, with the trained tokens marked
@@ -62,8 +62,10 @@ class Config:
                                                            "the learning-rate schedule follows whichever budget ends first"})
     batch_size: int = field(default=32, metadata={"help": "conversations per step"})
     learning_rate: float = field(default=1e-3, metadata={"help": "peak learning rate for full finetuning"})
-    lora_learning_rate: float = field(default=5e-3, metadata={"help": "peak learning rate when --lora_rank > 0 "
-                                                                     "(adapters start at zero and need larger steps)"})
+    lora_learning_rate: float = field(default=1e-2, metadata={"help": "peak learning rate when --lora_rank > 0 "
+                                                                     "(adapters start at zero and need larger steps; "
+                                                                     "measured: 1e-2 reaches 91-94% of full SFT, "
+                                                                     "5e-3 84%)"})
     warmup_iters: int = field(default=20, metadata={"help": "linear warmup steps, then cosine decay to 10%"})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (matrices only)"})
     grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0 = off)"})
