@@ -282,24 +282,28 @@ def chat_prompt(tokenizer, messages, block_size, max_new_tokens):
 
 class TextStream:
     """Token ids -> printable text as they arrive. A character can span several byte-level tokens, so
-    bytes are decoded incrementally and printed once whole. For a chat answer (message=True) the space
-    render_chat puts before every message is not printed."""
+    bytes are decoded incrementally and printed once whole. The token that ends an answer (<|end|>,
+    <|endoftext|>) is not text and is not printed; for a chat answer (message=True) neither is the space
+    render_chat puts before every message. `file` None means sys.stdout as it is when printing."""
 
-    def __init__(self, tokenizer, file=sys.stdout, message=False):
+    def __init__(self, tokenizer, file=None, message=False):
         self.tokenizer, self.file = tokenizer, file
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.skip = MESSAGE_PREFIX if message else ""
+        self.hidden = set(answer_stops(tokenizer))
 
     def __call__(self, _index, token):
+        if token in self.hidden:
+            return
         text = self.decoder.decode(self.tokenizer.decode_bytes([token]))
         if text and self.skip:
             text = text[len(self.skip):] if text.startswith(self.skip) else text
             self.skip = ""
         if text:
-            print(text, end="", file=self.file, flush=True)
+            print(text, end="", file=self.file or sys.stdout, flush=True)
 
     def finish(self):
-        print(self.decoder.decode(b"", final=True), file=self.file, flush=True)
+        print(self.decoder.decode(b"", final=True), file=self.file or sys.stdout, flush=True)
 
 
 # -----------------------------------------------------------------------------------------------
