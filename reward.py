@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn import functional as F
 
+from bpe import MESSAGE_PREFIX
 from model import (GPT, GPTConfig, Progress, StopRequest, UsageError, atomic_path, autocast, by_length,
                    chat_responses, choose_device, full_precision, load_checkpoint, load_model, one_thread_on_cpu,
                    read_jsonl, render_chat, run_cli, save_checkpoint, set_seed, write_json)
@@ -164,6 +165,9 @@ def read_preferences(path):
             chosen, rejected = record.get("chosen"), record.get("rejected")
             if not isinstance(chosen, str) or not isinstance(rejected, str):
                 raise UsageError(f"{where}: \"chosen\" and \"rejected\" must both be strings")
+            # TRL's plain-text pairs are meant to be joined to the prompt (" blue."), but render_chat
+            # puts a space before every message itself: the texts' own first space goes
+            chosen, rejected = chosen.removeprefix(MESSAGE_PREFIX), rejected.removeprefix(MESSAGE_PREFIX)
             if chosen == rejected:
                 skipped += 1
                 continue

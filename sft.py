@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from bpe import UsageError, render_chat
+from bpe import MESSAGE_PREFIX, UsageError, render_chat
 from model import (IGNORE_INDEX, Progress, atomic_path, autocast, chat_responses, choose_device, load_checkpoint,
                    load_model, read_jsonl, run_cli, save_checkpoint, set_seed, write_json)
 
@@ -108,9 +108,11 @@ def world_conversations(world, reading_practice=0):
 
 
 def _as_messages(value, role, where, key):
-    """TRL's prompt/completion fields are either plain strings or lists of messages."""
+    """TRL's prompt/completion fields are either plain strings or lists of messages. Plain strings are
+    meant to be joined ({"prompt": "The sky is", "completion": " blue."}), so a completion brings its own
+    space; render_chat puts one before every message itself, so that one goes."""
     if isinstance(value, str):
-        return [{"role": role, "content": value}]
+        return [{"role": role, "content": value.removeprefix(MESSAGE_PREFIX)}]
     if isinstance(value, list):
         return value
     raise UsageError(f"{where}: \"{key}\" must be a string or a list of messages, got {type(value).__name__}")

@@ -157,10 +157,12 @@ def test_preference_files_in_both_shapes(tmp_path):
     lines = [{"prompt": "2+2?", "chosen": "4", "rejected": "5"},
              {"prompt": "3+3?", "completions": ["7", "6", "six"], "ranking": [1, 2, 0]},
              {"prompt": "1+1?", "completions": ["2", "3", "two"], "ranking": [0, 2, 1], "scores": [1, 0, 1]},
-             {"prompt": "x", "chosen": "same", "rejected": "same"}]
+             {"prompt": "x", "chosen": "same", "rejected": "same"},
+             {"prompt": "The sky is", "chosen": " blue.", "rejected": " green."}]   # TRL's plain text
     path.write_text("\n".join(json.dumps(line) for line in lines) + "\n\n")
     comparisons, skipped = read_preferences(str(path))
-    assert skipped == 1 and len(comparisons) == 3
+    assert skipped == 1 and len(comparisons) == 4
+    assert comparisons[3].completions == ["blue.", "green."]   # render_chat puts its own space before them
     assert comparisons[0].completions == ["4", "5"] and comparisons[0].pairs() == [(0, 1)]
     assert sorted(comparisons[1].pairs()) == [(1, 0), (1, 2), (2, 0)]
     assert sorted(comparisons[2].pairs()) == [(0, 1), (2, 1)]      # "2" and "two" tie

@@ -92,6 +92,7 @@ def test_jsonl_in_both_trl_shapes(tmp_path):
                       {"role": "assistant", "content": "Bye."}]},
         {"prompt": "2 + 2?", "completion": "4"},
         {"prompt": [{"role": "user", "content": "3 + 3?"}], "completion": [{"role": "assistant", "content": "6"}]},
+        {"prompt": "The sky is", "completion": " blue."},   # TRL's plain text, meant to be joined
     ])
     conversations = sft.jsonl_conversations(path)
     assert conversations == [
@@ -99,6 +100,8 @@ def test_jsonl_in_both_trl_shapes(tmp_path):
          {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Bye."}],
         [{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "4"}],
         [{"role": "user", "content": "3 + 3?"}, {"role": "assistant", "content": "6"}],
+        # render_chat puts the space before every message itself, so the completion's own one goes
+        [{"role": "user", "content": "The sky is"}, {"role": "assistant", "content": "blue."}],
     ]
 
 
