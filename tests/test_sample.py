@@ -14,7 +14,7 @@ import torch
 
 import sample
 from bpe import UsageError, render_chat
-from model import GPT, chat_responses, load_model
+from model import GPT, Generation, chat_responses, load_model
 from sample import Config, main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,16 +96,59 @@ def test_chat_through_stdin(tmp_path, make_checkpoint, monkeypatch, capsys, reco
     assert third == reset                                # ... and after /reset only itself
 
 
-def test_a_streamed_chat_answer_leaves_out_the_space_render_chat_puts_before_it(tiny_tokenizer):
-    answer = [token for token, trained in zip(*render_chat(tiny_tokenizer, [
-        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "Paris is big."}])) if trained][:-1]
-    for message, expected in ((True, "Paris is big."), (False, " Paris is big.")):
-        printed = io.StringIO()
-        stream = sample.TextStream(tiny_tokenizer, file=printed, message=message)
-        for token in answer:
-            stream(0, token)
-        stream.finish()
-        assert printed.getvalue() == expected + "\n"   # a base model's continuation keeps its space
+def test_a_streamed_chat_answer_is_its_message(tiny_tokenizer):
+    """Printed as it arrives: without the space render_chat puts before every message (whether it comes as
+    its own token, as before a digit or a tool call, or inside the first word's token), without the end
+    token, and whole characters only (é is two bytes)."""
+    end = tiny_tokenizer.special_tokens["<|end|>"]
+    for message in ("Paris is big.", "42", "<|calc|>2 * 3<|result|>6<|/result|> 6.", "été"):
+        ids, _ = render_chat(tiny_tokenizer, [{"role": "user", "content": "hi"},
+                                              {"role": "assistant", "content": message}])
+        answer = ids[ids.index(tiny_tokenizer.special_tokens["<|assistant|>"]) + 1:]   # ends with <|end|>
+        assert answer[-1] == end
+        for chat, expected in ((True, message), (False, " " + message)):  # a base model's text keeps its space
+            printed = io.StringIO()
+            stream = sample.TextStream(tiny_tokenizer, file=printed, message=chat)
+            for token in answer:
+                stream(0, token)
+            stream.finish()
+            assert printed.getvalue() == expected + "\n"
+
+
+def test_every_way_an_answer_comes_back_is_the_message_without_render_chats_space(
+        tmp_path, make_checkpoint, monkeypatch, capsys):
+    """The model writes " Paris is big." (the space render_chat trains before every message): one-shot,
+    best-of-N, chat (and the history it renders next turn), chat_responses and RLHF's rollouts all hand
+    back "Paris is big.", so that re-rendering it gives back exactly the tokens that were generated."""
+    from rlhf import sample_rollout
+    path = make_checkpoint(tmp_path / "sft.pt", "sft")
+    make_checkpoint(tmp_path / "reward.pt", "reward")
+    model, tokenizer, _ = load_model(path)
+    written = tokenizer.encode(" Paris is big.")
+    prompts = []
+
+    def scripted(self, batch, max_new_tokens, *args, stop_tokens=(), on_token=None, **kwargs):
+        prompts.extend(list(prompt) for prompt in batch)
+        tokens = written + [tokenizer.special_tokens["<|end|>"]]
+        for row in range(len(batch)):
+            for token in tokens:
+                if on_token:
+                    on_token(row, token)
+        return [Generation(list(tokens), [0.0] * len(tokens), True) for _ in batch]
+
+    monkeypatch.setattr(GPT, "generate", scripted)
+    expected = "Paris is big."
+    assert chat_responses(model, tokenizer, ["hi"]) == [expected]
+    assert sample_rollout(model, tokenizer, ["hi"], 2, 8, seed=0).responses == [expected, expected]
+    assert main(Config(ckpt=path, prompt="hi"))["answers"] == [expected]
+    assert main(Config(ckpt=path, prompt="hi", best_of=2, temperature=1.0, reward_ckpt=str(tmp_path / "reward.pt"),
+                       ))["answers"][0] == expected
+    capsys.readouterr()
+    out = chat_session(monkeypatch, capsys, Config(ckpt=path), ["hi", "and again"])
+    assert expected in out and " " + expected not in out
+    history, _ = render_chat(tokenizer, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": expected}])
+    assert prompts[-1][:len(history)] == history
+    assert history[-len(written) - 1:-1] == written     # the tokens the model wrote, exactly
 
 
 def test_chat_as_a_subprocess_reads_until_end_of_input(tmp_path, make_checkpoint):
@@ -252,13 +295,22 @@ def test_unknown_option_values_and_an_empty_prompt_are_refused(tmp_path, make_ch
         main(Config(ckpt=make_checkpoint(tmp_path / "reward.pt", "reward"), prompt="hi"))
 
 
-def test_chain_of_thought_answers_may_run_past_max_new_tokens(tmp_path, make_checkpoint):
+def test_chain_of_thought_answers_may_run_past_max_new_tokens(tmp_path, make_checkpoint, monkeypatch):
     """A worked addition is longer than a direct answer's budget: with --cot the answer may fill the context."""
     path = make_checkpoint(tmp_path / "sft.pt", "sft")
-    _, tokenizer, _ = load_model(path)
-    direct = main(Config(ckpt=path, prompt="What is 482 + 739?", max_new_tokens=6, temperature=0.0))["answers"][0]
-    worked = main(Config(ckpt=path, prompt="What is 482 + 739?", max_new_tokens=6, temperature=0.0, cot=True))["answers"][0]
-    assert len(tokenizer.encode(direct, "all")) <= 6 < len(tokenizer.encode(worked, "all"))
+    generated, original = [], GPT.generate
+
+    def counting(self, *args, **kwargs):
+        generations = original(self, *args, **kwargs)
+        generated.append(sum(len(generation.tokens) for generation in generations))
+        return generations
+
+    monkeypatch.setattr(GPT, "generate", counting)
+    main(Config(ckpt=path, prompt="What is 482 + 739?", max_new_tokens=6, temperature=0.0))
+    direct = sum(generated)
+    generated.clear()
+    main(Config(ckpt=path, prompt="What is 482 + 739?", max_new_tokens=6, temperature=0.0, cot=True))
+    assert direct <= 6 < sum(generated)
 
 
 def test_a_long_answer_budget_still_leaves_the_prompt_half_the_context(tmp_path, make_checkpoint, recorded_prompts):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import sample
+from bpe import render_chat, response_text
 from model import Generation, load_model, one_thread_on_cpu
 from sample import (JsonPrefix, Retriever, Sampling, TfidfEmbedder, ModelEmbedder, calculate, calculator_result,
                     generate_answers, json_prefix_ok, split_chunks)
@@ -83,7 +84,9 @@ class ScriptedModel:
                 result = self.tokenizer.decode(prompt[prompt.index(specials["<|result|>"]) + 1:-1])
                 script = self.tokenizer.encode(f" so it is {result}.") + [specials["<|end|>"]]
             else:
-                script = [specials["<|calc|>"]] + self.tokenizer.encode("12 * (3 + 4)") + [specials["<|result|>"]]
+                # the space render_chat puts before every message, then the call (as a trained model writes it)
+                script = (self.tokenizer.encode(" ") + [specials["<|calc|>"]] + self.tokenizer.encode("12 * (3 + 4)")
+                          + [specials["<|result|>"]])
             tokens = []
             for token in script[:max_new_tokens]:
                 tokens.append(token)
@@ -98,11 +101,16 @@ class ScriptedModel:
 def test_a_tool_call_gets_the_result_inserted_and_generation_continues(tiny_tokenizer):
     model = ScriptedModel(tiny_tokenizer)
     specials = tiny_tokenizer.special_tokens
-    prompt = [specials["<|user|>"]] + tiny_tokenizer.encode("what is 12 * 7?") + [specials["<|end|>"], specials["<|assistant|>"]]
+    prompt, _ = render_chat(tiny_tokenizer, [{"role": "user", "content": "what is 12 * 7?"}], add_generation_prompt=True)
     streamed = []
     answer = generate_answers(model, tiny_tokenizer, [prompt], Sampling(max_new_tokens=64, tool=True),
                               [specials["<|end|>"]], on_token=lambda index, token: streamed.append(token))[0]
-    assert tiny_tokenizer.decode(answer) == "<|calc|>12 * (3 + 4)<|result|>84<|/result|> so it is 84."
+    message = "<|calc|>12 * (3 + 4)<|result|>84<|/result|> so it is 84."
+    assert response_text(tiny_tokenizer, answer) == message
+    # rendered back into a conversation (the next turn's history), it is exactly the tokens generated
+    history, _ = render_chat(tiny_tokenizer, [{"role": "user", "content": "what is 12 * 7?"},
+                                              {"role": "assistant", "content": message}])
+    assert history == prompt + answer + [specials["<|end|>"]]
     assert len(model.calls) == 2                       # paused at <|result|>, then resumed
     assert model.calls[1] == prompt + answer[:answer.index(specials["<|/result|>"]) + 1]
     assert streamed == answer + [specials["<|end|>"]]  # the inserted result is streamed too
