@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from bpe import Tokenizer, UsageError, render_chat, response_text
+from bpe import MESSAGE_PREFIX, Tokenizer, UsageError, render_chat, response_text
 
 IGNORE_INDEX = -1  # a target with this value contributes nothing to the loss
 
@@ -554,6 +554,7 @@ def import_gpt2(folder, out=os.path.join("out", "pretrain.pt")):
 # Plumbing shared by every stage: device, checkpoints, files, command lines, progress.
 
 STAGE_SCRIPTS = {"pretrain": "pretrain.py", "sft": "sft.py", "reward": "reward.py", "rlhf": "rlhf.py"}
+CHAT_TRAINED_STAGES = ("sft", "reward", "rlhf")   # the stages trained on rendered chats
 
 
 def choose_device(name="auto"):
@@ -712,6 +713,7 @@ def save_checkpoint(path, *, stage, model, tokenizer, parent=None, args=None, me
         "parent": parent,
         "args": _plain(args),
         "metrics": _plain(metrics),
+        "message_prefix": MESSAGE_PREFIX,   # how render_chat rendered the chats it was trained on
     }
     checkpoint.update(extra or {})
     with atomic_path(path) as temporary:
@@ -752,6 +754,10 @@ def load_checkpoint(path, stages=None):
     if stages and checkpoint["stage"] not in stages:
         raise UsageError(f"{path} is a '{checkpoint['stage']}' checkpoint, but this needs "
                          f"{' or '.join(repr(s) for s in stages)}")
+    if checkpoint["stage"] in CHAT_TRAINED_STAGES and checkpoint.get("message_prefix") != MESSAGE_PREFIX:
+        print(f"warning: {path} was trained on chats rendered without the space that render_chat now puts "
+              f"before every message; its answers will be worse: run sft.py and the later stages again",
+              file=sys.stderr)
     vocab_size = checkpoint["model_config"].get("vocab_size")
     tokenizer_size = _tokenizer_size(checkpoint["tokenizer"])
     if tokenizer_size is not None and vocab_size is not None and tokenizer_size > vocab_size:

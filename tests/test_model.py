@@ -359,6 +359,19 @@ def test_checkpoint_error_paths(tmp_path, make_checkpoint, tiny_tokenizer):
         load_model(str(tmp_path / "mismatch.pt"))
 
 
+def test_a_chat_checkpoint_from_before_the_message_space_warns(tmp_path, make_checkpoint, capsys):
+    for stage in ("pretrain", "sft"):
+        path = make_checkpoint(tmp_path / f"{stage}.pt", stage)
+        load_checkpoint(path)
+        assert capsys.readouterr().err == ""                  # saved today: no warning
+        old = torch.load(path, weights_only=True)
+        del old["message_prefix"]                              # as saved before render_chat's space
+        torch.save(old, tmp_path / f"old-{stage}.pt")
+        load_model(str(tmp_path / f"old-{stage}.pt"))          # still loads and runs ...
+        warned = capsys.readouterr().err
+        assert ("run sft.py and the later stages again" in warned) == (stage == "sft")   # ... a chat model warns
+
+
 # --- GPT-2's files -------------------------------------------------------------------------------
 
 def write_safetensors(path, tensors):
