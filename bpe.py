@@ -568,8 +568,7 @@ def render_chat(tokenizer, messages, add_generation_prompt=False):
 
 def response_text(tokenizer, ids):
     """The assistant's generated tokens -> its message: the text without render_chat's MESSAGE_PREFIX."""
-    text = tokenizer.decode(ids)
-    return text[len(MESSAGE_PREFIX):] if text.startswith(MESSAGE_PREFIX) else text
+    return tokenizer.decode(ids).removeprefix(MESSAGE_PREFIX)
 
 
 # -----------------------------------------------------------------------------------------------------

@@ -297,8 +297,7 @@ class TextStream:
             return
         text = self.decoder.decode(self.tokenizer.decode_bytes([token]))
         if text and self.skip:
-            text = text[len(self.skip):] if text.startswith(self.skip) else text
-            self.skip = ""
+            text, self.skip = text.removeprefix(self.skip), ""
         if text:
             print(text, end="", file=self.file or sys.stdout, flush=True)
 
