@@ -18,7 +18,7 @@ Three details matter on a model this small:
 
 The talk's finetuning advice lives here too: `--lora_rank 8` trains small low-rank adapters while the
 GPT stays frozen (they fit more slowly than the whole model, and need a 10x larger learning rate to reach
-91-94% of full SFT's accuracy; they forget less of what pretraining taught), and
+86-94% of full SFT's accuracy; they forget less of what pretraining taught), and
 `--base_precision int8` holds that frozen part in 8 bits.
 
     python sft.py --show_example                         # one conversation, with the trained tokens marked
@@ -64,7 +64,7 @@ class Config:
     learning_rate: float = field(default=1e-3, metadata={"help": "peak learning rate for full finetuning"})
     lora_learning_rate: float = field(default=1e-2, metadata={"help": "peak learning rate when --lora_rank > 0 "
                                                                      "(adapters start at zero and need larger steps; "
-                                                                     "measured: 1e-2 reaches 91-94% of full SFT, "
+                                                                     "measured: 1e-2 reaches 86-94% of full SFT, "
                                                                      "5e-3 84%)"})
     warmup_iters: int = field(default=20, metadata={"help": "linear warmup steps, then cosine decay to 10%"})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (matrices only)"})
