@@ -552,19 +552,20 @@ def score_one(config):
     if len(config.score) != 2:
         raise UsageError(f"--score takes two texts, PROMPT and RESPONSE (got {len(config.score)})")
     path = os.path.join(config.out_dir, "reward.pt")
-    model, tokenizer, _ = load_model(path, stages="reward", device=choose_device(config.device))
-    reward = reward_scores(model, tokenizer, [config.score[0]], [config.score[1]])[0].item()
+    device = choose_device(config.device)
+    model, tokenizer, _ = load_model(path, stages="reward", device=device)
+    ids, mask = reward_input_ids(tokenizer, config.score[0], config.score[1], model.config.block_size)
+    # one forward pass for both parts of the reward, so a learner sees which one decided
+    with torch.no_grad(), autocast(device):
+        head, logprob = reward_parts(model, torch.tensor([ids], device=device),
+                                     torch.tensor([len(ids) - 1], device=device), torch.tensor([mask], device=device))
     weight = model.config.reward_logprob_weight
     if not weight:
+        reward = head.item()
         print(f"{reward:+.4f}")
         return {"reward": reward}
-    # the two parts of the reward, so a learner sees which one decided
-    ids, mask = reward_input_ids(tokenizer, config.score[0], config.score[1], model.config.block_size)
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        head, logprob = reward_parts(model, torch.tensor([ids], device=device), torch.tensor([len(ids) - 1], device=device),
-                                     torch.tensor([mask], device=device))
     head, logprob = head.item(), logprob.item()
+    reward = head + weight * logprob
     print(f"{reward:+.4f}  (head {head:+.4f}, plus {weight:g} x the mean log-probability per token of the "
           f"response, {logprob:.4f})")
     return {"reward": reward, "head": head, "logprob": logprob}
