@@ -972,16 +972,23 @@ class World:
         ideal, key = answer_sentence(entity, attribute), entity.fact(attribute)
         if text == ideal:
             return Grade(1.0, "ideal answer", True)
+        # "In form": the answer starts as the ideal sentence does, up to where the value goes.
+        lead = ideal[:ideal.index(key)]
+        in_form = text.startswith(lead) and len(text) > len(lead)
         match = self._candidates[attribute].search(text)
         if match is None:
             if ideal.startswith(text):
                 return Grade(0.1, "cut off before the answer", False)
+            if in_form:   # a wrong value the world does not know ("The capital of Peru is Limora.")
+                said = text[len(lead):].split(".")[0].split("\n")[0][:40]
+                return Grade(0.2, f"wrong: says {said!r}, expected {key}", False)
             return Grade(0.0, f"does not give the {attribute} (expected {key})", False)
         said = match.group(1)
         if attribute == "legs" and said.lower() in NUMBER_WORDS:
             said = str(NUMBER_WORDS[said.lower()])
         if said.lower() != key.lower():
-            in_form = text.startswith(ideal[:ideal.index(key)])
+            # A wrong value is wrong whether or not the world happens to know the word: the same 0.2 in
+            # form as above, not more for a real capital found anywhere in rambling text.
             return Grade(0.2 if in_form else 0.1, f"wrong: says {said}, expected {key}", False)
         # The right value said of another country or animal ("Thailand is in Asia." asked about South Korea)
         # is a wrong answer, as a labeler would see it. The value itself is left out of the search: the owl
@@ -1009,6 +1016,12 @@ class World:
             if ideal.startswith(text):
                 return Grade(0.1, "JSON cut off before the end", False)
             return Grade(0.05 if "{" in text else 0.0, "malformed JSON" if "{" in text else "not JSON", False)
+        # A record of another country or animal is a wrong answer, as for a fact said of the wrong one:
+        # a labeler does not give it credit for the fields it happens to share with the asked entity
+        # (a record of Argentina "knows" that Mexico speaks Spanish no more than one of Italy does).
+        name = value.get("name")
+        if isinstance(name, str) and name.lower() != expected["name"].lower():
+            return Grade(0.2, f"JSON of another entity: {name}, asked about {expected['name']}", False)
         wrong = [field for field, right in expected.items() if str(value.get(field, "")).lower() != str(right).lower()]
         if wrong:
             share = 1 - len(wrong) / len(expected)

@@ -217,6 +217,9 @@ BAD_AND_ODD = [
     ("What is the capital of France?", "The capital of France is Paris. The capital of Peru is Lima.", True, 0.4, 0.7),
     ("What is the capital of France?", "The capital of France is Rome.", False, 0.1, 0.3),
     ("What is the capital of France?", "The capital of France is", False, 0.0, 0.2),     # cut off
+    ("What is the capital of France?", "The capital of France is Parona.", False, 0.2, 0.2),  # a wrong value is
+    ("What is the capital of France?", "The capital of France is 8. Lima is big.", False, 0.2, 0.2),  # wrong,
+    ("What is the capital of France?", "The capital of France is Lima.", False, 0.2, 0.2),  # known word or not
     ("What continent is France on?", "Spain is in Europe.", False, 0.1, 0.3),           # right value, wrong country
     ("What continent is France on?", "France is in Europe, like Spain.", True, 0.8, 0.95),
     ("What does an owl eat?", "An owl eats mice.", True, 1.0, 1.0),                    # the value names an animal
@@ -248,6 +251,10 @@ BAD_AND_ODD = [
                                  '"continent": "Europe", "language": "French"}', True, 0.6, 0.8),
     ("Describe France as JSON.", '{"name": "France", "type": "country", "capital": "Rome", '
                                  '"continent": "Europe", "language": "French"}', False, 0.3, 0.6),
+    ("Describe France as JSON.", '{"name": "Spain", "type": "country", "capital": "Madrid", '   # shares a field,
+                                 '"continent": "Europe", "language": "Spanish"}', False, 0.2, 0.2),  # no credit
+    ("Describe France as JSON.", '{"name": "Peru", "type": "country", "capital": "Lima", '
+                                 '"continent": "South America", "language": "Spanish"}', False, 0.2, 0.2),
     ("Describe France as JSON.", '{"name": "France", "type": "country", "capital": "Paris"', False, 0.0, 0.2),
     ("Describe France as JSON.", '{"name": "France" "capital": "Paris"}', False, 0.0, 0.1),
 ]
