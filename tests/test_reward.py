@@ -405,7 +405,7 @@ def test_centring_moves_the_mean_reward_to_zero_through_the_head_alone(tmp_path,
     assert torch.allclose(after - after[0], before - before[0], atol=1e-5)
 
 
-def test_resume_with_another_logprob_weight_is_a_clear_error(tmp_path, make_checkpoint):
+def test_resume_with_another_logprob_weight_or_train_layers_is_a_clear_error(tmp_path, make_checkpoint):
     sft = make_checkpoint(tmp_path / "sft.pt", "sft")
     data = tmp_path / "prefs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in synthetic_preferences(20, seed=2)))
@@ -417,3 +417,26 @@ def test_resume_with_another_logprob_weight_is_a_clear_error(tmp_path, make_chec
     torch.save(checkpoint, tmp_path / "run" / "reward.pt")
     with pytest.raises(UsageError, match="--logprob_weight 1.0; resume with the same"):
         main(dataclasses.replace(config, logprob_weight=0.0, resume=True))
+    with pytest.raises(UsageError, match="--train_layers 1; resume with the same"):
+        main(dataclasses.replace(config, train_layers=-1, resume=True))
+
+
+def test_only_the_head_and_the_top_blocks_train(tmp_path, make_checkpoint):
+    sft = make_checkpoint(tmp_path / "sft.pt", "sft", n_layer=3)
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in synthetic_preferences(40, seed=3)))
+    before = load_checkpoint(sft)["model"]
+    config = Config(out_dir=str(tmp_path / "run"), init_from=sft, data=str(data), device="cpu", max_iters=3,
+                    prompts_per_step=8, learning_rate=1e-2, examples=0, train_layers=1)
+    main(config)
+    after = load_checkpoint(str(tmp_path / "run" / "reward.pt"))["model"]
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed and all(name.startswith("transformer.h.2.") for name in changed)   # the top block only
+    assert "transformer.wte.weight" not in changed        # the embeddings, tied to the LM head, stay as SFT left them
+    assert not torch.equal(after["scalar_head.weight"], torch.zeros_like(after["scalar_head.weight"]))
+    everything = main(dataclasses.replace(config, out_dir=str(tmp_path / "all"), train_layers=-1))
+    assert everything["steps"] == 3
+    after = load_checkpoint(str(tmp_path / "all" / "reward.pt"))["model"]
+    assert not torch.equal(before["transformer.wte.weight"], after["transformer.wte.weight"])
+    with pytest.raises(UsageError, match="--train_layers 4: the model has only 3 blocks"):
+        main(dataclasses.replace(config, train_layers=4))
