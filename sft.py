@@ -32,6 +32,7 @@ mix), LoRA and int8, the training loop, evaluation, saving.
 import math
 import os
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -85,7 +86,8 @@ class Config:
     base_precision: str = field(default="fp32", metadata={"help": "precision of the frozen base under LoRA",
                                                            "choices": ["fp32", "int8"]})
     eval_interval: int = field(default=50, metadata={"help": "steps between validation-loss measurements"})
-    eval_limit: int = field(default=0, metadata={"help": "evaluate on at most this many held-out prompts (0 = all)"})
+    eval_limit: int = field(default=0, metadata={"help": "evaluate on at most this many held-out prompts of each "
+                                                          "task family (0 = all)"})
     eval_max_new_tokens: int = field(default=96, metadata={"help": "longest answer generated in evaluation"})
     reading_practice: int = field(default=3000, metadata={"help": "add N retrieval-layout conversations, each about a "
                                                                   "country invented for it alone, to the tiny world's "
@@ -468,19 +470,123 @@ def newline_token_ids(tokenizer):
 
 
 @torch.no_grad()
-def base_fewshot_responses(model, tokenizer, world, prompts, max_new_tokens, batch_size=64):
+def greedy_continuations(model, tokenizer, texts, max_new_tokens, stop_tokens, batch_size=64):
+    """What the base model writes after each text, greedy, up to (not including) its first stop token.
+    A text too long for the context keeps its end, where the question is."""
+    keep = max(model.config.block_size - max_new_tokens, 1)
+    written = []
+    for start in range(0, len(texts), batch_size):
+        prompts = [tokenizer.encode(text)[-keep:] for text in texts[start:start + batch_size]]
+        for generation in model.generate(prompts, max_new_tokens, temperature=0.0, stop_tokens=stop_tokens):
+            written.append(tokenizer.decode(generation.tokens[:-1] if generation.stopped else generation.tokens))
+    return written
+
+
+def line_stops(tokenizer):
+    return tuple(newline_token_ids(tokenizer)) + (tokenizer.special_tokens["<|endoftext|>"],)
+
+
+def base_fewshot_responses(model, tokenizer, world, prompts, max_new_tokens):
     """The talk's "trick the base model into being an assistant": put the question at the end of a page of
     questions and answers and take the first line of what the model writes next."""
-    stops = tuple(newline_token_ids(tokenizer)) + (tokenizer.special_tokens["<|endoftext|>"],)
-    keep = max(model.config.block_size - max_new_tokens, 1)
-    rendered = [tokenizer.encode(world.fewshot_prompt(prompt))[-keep:] for prompt in prompts]
-    answers = []
-    for start in range(0, len(rendered), batch_size):
-        for generation in model.generate(rendered[start:start + batch_size], max_new_tokens, temperature=0.0,
-                                         stop_tokens=stops):
-            tokens = generation.tokens[:-1] if generation.stopped else generation.tokens   # not the stop token
-            answers.append(tokenizer.decode(tokens).split("\n")[0].strip())
+    pages = [world.fewshot_prompt(prompt) for prompt in prompts]
+    return [text.split("\n")[0].strip()
+            for text in greedy_continuations(model, tokenizer, pages, max_new_tokens, line_stops(tokenizer))]
+
+
+# --- Each family with its technique ---------------------------------------------------------------
+# Asked bare, a chain-of-thought sum, a 6-digit product or a question about a country known only from a
+# retrieved passage is beyond both models (0% each), which says nothing about SFT. So these three families
+# are asked again the way the assistant is used (sample.py): "Let's think step by step." in front, the
+# calculator run, the two passages TF-IDF retrieval finds put before the question. The base model gets the
+# same help in the layouts its corpus shows it: a worked-addition page, a calculator log (the tool runs
+# between the "Calculator:" line and the answer), a reading page.
+TECHNIQUE_FAMILIES = ("cot", "calculator", "retrieval")
+TECHNIQUE_SUFFIX = "_with_technique"
+
+
+def retrieved_passages(world, tasks, k=2):
+    from sample import Retriever, TfidfEmbedder
+    if not any(task.family == "retrieval" for task in tasks):
+        return {}
+    retriever = Retriever.build(world.retrieval_documents(), TfidfEmbedder())
+    return {task.prompt: [chunk for _, chunk in retriever.search(task.prompt, k)]
+            for task in tasks if task.family == "retrieval"}
+
+
+@torch.no_grad()
+def sft_technique_responses(model, tokenizer, world, tasks):
+    """prompt -> the SFT model's greedy answer with its family's technique (the tool's result included)."""
+    from data.tinyworld import COT_PREFIX, context_prompt
+    from sample import Sampling, chat_answers
+    passages = retrieved_passages(world, tasks)
+    asked = {"cot": lambda task: COT_PREFIX + task.prompt, "calculator": lambda task: task.prompt,
+             "retrieval": lambda task: context_prompt(passages[task.prompt], task.prompt)}
+    answers = {}
+    for family, ask in asked.items():
+        subset = [task for task in tasks if task.family == family]
+        room = model.config.block_size if family == "cot" else 96     # a worked 4-digit sum is ~200 tokens
+        sampling = Sampling(max_new_tokens=room, temperature=0.0, tool=family == "calculator")
+        answers.update(zip([task.prompt for task in subset],
+                           chat_answers(model, tokenizer, [ask(task) for task in subset], sampling)))
     return answers
+
+
+def base_technique_responses(model, tokenizer, world, tasks):
+    """prompt -> the base model's greedy answer with its family's technique, each in a corpus layout."""
+    from data.tinyworld import context_prompt
+    lines = line_stops(tokenizer)
+
+    def complete(texts, max_new_tokens, stops):
+        return greedy_continuations(model, tokenizer, texts, max_new_tokens, stops)
+
+    answers = {}
+    # chain of thought: a worked-addition page; the answer runs to the first blank line
+    subset = [task for task in tasks if task.family == "cot"]
+    written = complete([f"Question: {task.prompt}\nLet's think step by step.\n" for task in subset],
+                       max(model.config.block_size - 32, 1),   # the question takes ~20 tokens; the rest is room
+                       (tokenizer.special_tokens["<|endoftext|>"],))
+    answers.update((task.prompt, text.split("\n\n")[0].strip()) for task, text in zip(subset, written))
+    # the calculator: two solved rows of a calculator log, then the question. The model writes the
+    # calculator line up to "->"; we compute what follows, and the model then writes the answer line.
+    subset = [task for task in tasks if task.family == "calculator"]
+    solved = [task for task in world.tasks("sft") if task.family == "calculator"][:2]
+    page = "Using a calculator\n\n" + "".join(
+        f"Question: {task.prompt}\nCalculator: {a} * {b} -> {a * b}\nAnswer: {a} * {b} = {a * b}.\n\n"
+        for task in solved for a, b in [map(int, re.findall(r"\d+", task.prompt)[:2])])
+    asked = [f"{page}Question: {task.prompt}\nCalculator:" for task in subset]
+    calls = [run_calculator_line(line) for line in complete(asked, 24, lines)]
+    written = complete([f"{text}{call}Answer:" for text, call in zip(asked, calls)], 32, lines)
+    answers.update((task.prompt, text.strip()) for task, text in zip(subset, written))
+    # retrieval: the retrieval layout, which the corpus's reading pages use, then "Answer:"
+    subset = [task for task in tasks if task.family == "retrieval"]
+    passages = retrieved_passages(world, subset)
+    written = complete([context_prompt(passages[task.prompt], task.prompt) + "\nAnswer:" for task in subset],
+                       32, lines)
+    answers.update((task.prompt, text.strip()) for task, text in zip(subset, written))
+    return answers
+
+
+def run_calculator_line(line):
+    """What the base model wrote after "Calculator:" -> that line as the tool completes it: the expression
+    up to "->", then the computed result (the model's own guess after "->" is thrown away)."""
+    from sample import CalculatorError, calculate
+    call = line.split("->")[0].strip()
+    try:
+        result = calculate(call)
+    except CalculatorError:
+        result = "error"
+    return f" {call} -> {result}\n"
+
+
+def technique_metrics(world, tasks, answers):
+    """Accuracy and score of the technique families, as "accuracy/cot_with_technique" and so on."""
+    subset = [task for task in tasks if task.family in TECHNIQUE_FAMILIES]
+    if not subset:
+        return {}
+    graded, _ = world.evaluate(lambda prompts: [answers[prompt] for prompt in prompts], subset)
+    return {f"{key}{TECHNIQUE_SUFFIX}": value for key, value in graded.items()
+            if key.split("/")[1] in TECHNIQUE_FAMILIES}
 
 
 @torch.no_grad()
@@ -507,12 +613,13 @@ def families_in(metrics, prefix=""):
 
 def print_table(metrics, columns):
     """Accuracy per family (rows) for each evaluated model (columns)."""
-    families = families_in(metrics, columns[0][1])
-    rows = families + ["all", "facts_seen", "facts_heldout"]
-    print(f"\n{'accuracy':<16}" + "".join(f"{title:>20}" for title, _ in columns))
+    families = [family for family in families_in(metrics, columns[0][1]) if not family.endswith(TECHNIQUE_SUFFIX)]
+    rows = families + ["all", "facts_seen", "facts_heldout"] + [family + TECHNIQUE_SUFFIX for family in TECHNIQUE_FAMILIES]
+    print(f"\n{'accuracy':<26}" + "".join(f"{title:>20}" for title, _ in columns))
     for row in rows:
         cells = [metrics.get(f"{prefix}accuracy/{row}") for _, prefix in columns]
-        print(f"{row:<16}" + "".join(f"{'-':>20}" if cell is None else f"{cell:>20.1%}" for cell in cells))
+        if any(cell is not None for cell in cells):
+            print(f"{row:<26}" + "".join(f"{'-':>20}" if cell is None else f"{cell:>20.1%}" for cell in cells))
 
 
 # -----------------------------------------------------------------------------------------------
@@ -533,13 +640,13 @@ def save_plot(path, history, metrics, columns):
     left.grid(alpha=0.3)
     left.legend()
     if columns:
-        families = families_in(metrics, columns[-1][1])
+        families = max((families_in(metrics, prefix) for _, prefix in columns), key=len)
         width = 0.8 / len(columns)
         for index, (title, prefix) in enumerate(columns):
             values = [metrics.get(f"{prefix}accuracy/{family}", 0.0) for family in families]
             right.bar([position + index * width for position in range(len(families))], values, width, label=title)
         right.set_xticks([position + width * (len(columns) - 1) / 2 for position in range(len(families))])
-        right.set_xticklabels(families)
+        right.set_xticklabels([family.replace(TECHNIQUE_SUFFIX, "\n+technique") for family in families], fontsize=8)
         right.set_ylim(0, 1)
         right.set_title("held-out accuracy per task family")
         right.legend(fontsize=8)
@@ -633,7 +740,7 @@ def main(config: Config) -> dict:
     saved = load_resume_state(sft_path, config) if config.resume else None
 
     # --- data ---
-    from data.tinyworld import World
+    from data.tinyworld import FAMILIES, World
     world = World(**world_arguments(base_checkpoint))   # the prompts we evaluate on, and the default data
     conversations = (jsonl_conversations(config.data) if config.data
                      else world_conversations(world, config.reading_practice))
@@ -648,7 +755,10 @@ def main(config: Config) -> dict:
     if config.pretrain_mix > 0:
         mix_stream = pretraining_tokens(tokenizer, mix_documents(config, base_checkpoint, world),
                                         config.pretrain_mix_tokens, random.Random(config.seed))
-    eval_tasks = world.tasks("eval")[:config.eval_limit or None]
+    eval_tasks = world.tasks("eval")
+    if config.eval_limit:   # the first N of every family
+        eval_tasks = [task for family in FAMILIES
+                      for task in [task for task in eval_tasks if task.family == family][:config.eval_limit]]
     validation = validation_batches(tokenizer, eval_tasks, block_size)
     print(f"SFT on {len(examples):,} conversations from {config.data or 'the tiny world'} "
           f"({truncated} truncated, {dropped} dropped); {config.pretrain_mix} rows of pretraining text in every step")
@@ -660,6 +770,8 @@ def main(config: Config) -> dict:
     elif eval_tasks and not config.skip_base_eval:
         base_metrics, answers = world.evaluate(lambda prompts: base_fewshot_responses(
             model, tokenizer, world, prompts, config.eval_max_new_tokens), eval_tasks)
+        base_metrics.update(technique_metrics(world, eval_tasks,
+                                              base_technique_responses(model, tokenizer, world, eval_tasks)))
         metrics = prefixed("base_fewshot/", base_metrics)
         before = {task.prompt: answer for task, answer in zip(eval_tasks, answers)}
     if metrics:
@@ -759,6 +871,7 @@ def evaluate_sft(model, tokenizer, world, tasks, config, before):
         model, tokenizer, prompts, temperature=0.0, max_new_tokens=config.eval_max_new_tokens), tasks)
     sampled, _ = world.evaluate(lambda prompts: chat_responses(
         model, tokenizer, prompts, temperature=1.0, max_new_tokens=config.eval_max_new_tokens, seed=config.seed), tasks)
+    greedy.update(technique_metrics(world, tasks, sft_technique_responses(model, tokenizer, world, tasks)))
     show_answers(tasks, before, {task.prompt: answer for task, answer in zip(tasks, answers)})
     return {**greedy, **prefixed("temperature1/", sampled), "seconds/eval": round(time.time() - evaluation_started, 1)}
 

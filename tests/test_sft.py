@@ -216,6 +216,10 @@ def test_a_tiny_run_learns_and_saves_an_sft_checkpoint(make_checkpoint, tmp_path
     assert checkpoint["parent"] == {"path": str(tmp_path / "pretrain.pt"), "stage": "pretrain"}
     saved = json.loads((tmp_path / "sft.json").read_text())
     assert saved["steps"] == 30 and "seconds" in saved and "base_fewshot/accuracy/all" in saved
+    for family in sft.TECHNIQUE_FAMILIES:   # each family asked bare and with its technique, both models
+        for prefix in ("", "base_fewshot/"):
+            assert 0 <= saved[f"{prefix}accuracy/{family}_with_technique"] <= 1
+            assert 0 <= saved[f"{prefix}accuracy/{family}"] <= 1
     assert (tmp_path / "sft.png").stat().st_size > 0
 
 
@@ -293,3 +297,19 @@ def test_reading_practice_adds_conversations_to_the_world_pairs(world):
     practised = sft.world_conversations(world, reading_practice=7)
     assert practised[:len(plain)] == plain and len(practised) == len(plain) + 7
     assert all(c[0]["content"].startswith("Answer using the passages below.") for c in practised[len(plain):])
+
+
+def test_the_calculator_result_comes_from_the_tool_not_the_model():
+    assert sft.run_calculator_line(" 347 * 829 -> 123") == " 347 * 829 -> 287663\n"
+    assert sft.run_calculator_line(" 12 * 34") == " 12 * 34 -> 408\n"     # stopped before "->"
+    assert sft.run_calculator_line(" Paris -> 5") == " Paris -> error\n"
+
+
+def test_technique_metrics_grade_each_family_with_its_technique(world):
+    tasks = world.tasks("eval")
+    ideal = {task.prompt: task.answer for task in tasks}
+    metrics = sft.technique_metrics(world, tasks, ideal)
+    assert metrics == {f"{kind}/{family}_with_technique": 1.0
+                       for kind in ("accuracy", "score") for family in sft.TECHNIQUE_FAMILIES}
+    wrong = sft.technique_metrics(world, tasks, {prompt: "I do not know." for prompt in ideal})
+    assert all(value == 0.0 for value in wrong.values())
