@@ -12,8 +12,8 @@ Here the labeler is the tiny world's oracle (World.score). The script reads out/
 completions for every prompt of the world's reward and SFT splits (to train on) and of its eval split
 (held out, to measure on), ranks them with the oracle (equal scores are ties, and a tie gives no pair),
 writes what the "labelers" saw to out/comparisons.jsonl, then trains the reward model: the SFT
-transformer with a new scalar head, loss -log sigmoid(r_better - r_worse) over every ordered pair of a
-prompt's ranking. The reward is the head's number plus the transformer's own mean log-probability of
+transformer with a new scalar head (only the head and the top block train: --train_layers), loss
+-log sigmoid(r_better - r_worse) over every ordered pair of a prompt's ranking. The reward is the head's number plus the transformer's own mean log-probability of
 the response (--logprob_weight; rewards_of says why: a head alone learns little from this much data).
 `--data FILE.jsonl` trains on given preferences instead: {"prompt", "chosen", "rejected"} lines or
 {"prompt", "completions", "ranking"}.
