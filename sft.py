@@ -646,7 +646,8 @@ def save_plot(path, history, metrics, columns):
             values = [metrics.get(f"{prefix}accuracy/{family}", 0.0) for family in families]
             right.bar([position + index * width for position in range(len(families))], values, width, label=title)
         right.set_xticks([position + width * (len(columns) - 1) / 2 for position in range(len(families))])
-        right.set_xticklabels([family.replace(TECHNIQUE_SUFFIX, "\n+technique") for family in families], fontsize=8)
+        right.set_xticklabels([family.replace(TECHNIQUE_SUFFIX, " + technique") for family in families],
+                              rotation=30, ha="right", fontsize=8)
         right.set_ylim(0, 1)
         right.set_title("held-out accuracy per task family")
         right.legend(fontsize=8)
