@@ -256,6 +256,22 @@ def answer_sentence(entity, attribute):
     return fill(ANSWERS[attribute], v=entity.fact(attribute), **entity.fields())
 
 
+def value_in_slot(text, entity, attribute):
+    """The value an answer in the ideal's form gives, or None: the text must start as the ideal sentence
+    does up to the value (from the template: "People in Germany speak ", not up to the first "German"),
+    and what follows, to the sentence's end, must look like one value: a word, or a name of capitalised
+    words ("New Delhi"). "The capital of Peru is a lovely city." gives none."""
+    before, after = ANSWERS[attribute].split("{v}")
+    lead = fill(before, **entity.fields())
+    if not text.startswith(lead):
+        return None
+    value = re.split(r"[.!?\n]", text[len(lead):], maxsplit=1)[0].strip()
+    tail = after.rstrip(".")                          # " legs" for legs; nothing for the others
+    if tail and value.endswith(tail):
+        value = value[:-len(tail)].strip()
+    return value if re.fullmatch(r"[\w'-]+|[A-Z][\w'-]*(?: [A-Z][\w'-]*)+", value) else None
+
+
 def worked_addition(a, b):
     """The step-by-step solution chain of thought teaches: one line per column, right to left, then the
     answer. A small model cannot add 4-digit numbers "in one token", but it can do one column at a time
@@ -972,24 +988,22 @@ class World:
         ideal, key = answer_sentence(entity, attribute), entity.fact(attribute)
         if text == ideal:
             return Grade(1.0, "ideal answer", True)
-        # "In form": the answer starts as the ideal sentence does, up to where the value goes.
-        lead = ideal[:ideal.index(key)]
-        in_form = text.startswith(lead) and len(text) > len(lead)
         match = self._candidates[attribute].search(text)
-        if match is None:
-            if ideal.startswith(text):
-                return Grade(0.1, "cut off before the answer", False)
-            if in_form:   # a wrong value the world does not know ("The capital of Peru is Limora.")
-                said = text[len(lead):].split(".")[0].split("\n")[0][:40]
-                return Grade(0.2, f"wrong: says {said!r}, expected {key}", False)
-            return Grade(0.0, f"does not give the {attribute} (expected {key})", False)
-        said = match.group(1)
-        if attribute == "legs" and said.lower() in NUMBER_WORDS:
+        said = match.group(1) if match else None
+        if said is not None and attribute == "legs" and said.lower() in NUMBER_WORDS:
             said = str(NUMBER_WORDS[said.lower()])
-        if said.lower() != key.lower():
-            # A wrong value is wrong whether or not the world happens to know the word: the same 0.2 in
-            # form as above, not more for a real capital found anywhere in rambling text.
-            return Grade(0.2 if in_form else 0.1, f"wrong: says {said}, expected {key}", False)
+        if said is None or said.lower() != key.lower():
+            if said is None and ideal.startswith(text):
+                return Grade(0.1, "cut off before the answer", False)
+            # A wrong value in the answer's form (the ideal sentence up to the value, then a value) gets the
+            # same 0.2 whether or not the world knows the word ("The capital of Peru is Rome." or "... is
+            # Limora."); a known value said elsewhere in other words 0.1; anything else nothing.
+            in_slot = value_in_slot(text, entity, attribute)
+            if in_slot is not None:
+                return Grade(0.2, f"wrong: says {in_slot}, expected {key}", False)
+            if said is not None:
+                return Grade(0.1, f"wrong: says {said}, expected {key}", False)
+            return Grade(0.0, f"does not give the {attribute} (expected {key})", False)
         # The right value said of another country or animal ("Thailand is in Asia." asked about South Korea)
         # is a wrong answer, as a labeler would see it. The value itself is left out of the search: the owl
         # eats mice, and "mice" is an animal too.
@@ -1019,9 +1033,9 @@ class World:
         # A record of another country or animal is a wrong answer, as for a fact said of the wrong one:
         # a labeler does not give it credit for the fields it happens to share with the asked entity
         # (a record of Argentina "knows" that Mexico speaks Spanish no more than one of Italy does).
-        name = value.get("name")
-        if isinstance(name, str) and name.lower() != expected["name"].lower():
-            return Grade(0.2, f"JSON of another entity: {name}, asked about {expected['name']}", False)
+        other = self._named.get(value["name"].lower()) if isinstance(value.get("name"), str) else None
+        if other is not None and other is not question.entity:
+            return Grade(0.2, f"JSON of another entity: {other.name}, asked about {expected['name']}", False)
         wrong = [field for field, right in expected.items() if str(value.get(field, "")).lower() != str(right).lower()]
         if wrong:
             share = 1 - len(wrong) / len(expected)

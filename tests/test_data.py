@@ -220,6 +220,13 @@ BAD_AND_ODD = [
     ("What is the capital of France?", "The capital of France is Parona.", False, 0.2, 0.2),  # a wrong value is
     ("What is the capital of France?", "The capital of France is 8. Lima is big.", False, 0.2, 0.2),  # wrong,
     ("What is the capital of France?", "The capital of France is Lima.", False, 0.2, 0.2),  # known word or not
+    ("What is the capital of France?", "The capital of France is a lovely city.", False, 0.0, 0.0),  # no value
+    ("What is the capital of France?", "The capital of France is 96 + 80 = 176.", False, 0.0, 0.0),
+    ("What is the capital of France?", "I think Rome.", False, 0.1, 0.1),          # a known value out of form
+    ("What is the capital of France?", "The capital of France is New Delhi.", False, 0.2, 0.2),
+    ("Which language do people in Germany speak?", "People in Germany eat sausages.", False, 0.0, 0.0),
+    ("Which language do people in Germany speak?", "People in Germany speak Germish.", False, 0.2, 0.2),
+    ("How many legs does a spider have?", "A spider has many legs.", False, 0.2, 0.2),
     ("What continent is France on?", "Spain is in Europe.", False, 0.1, 0.3),           # right value, wrong country
     ("What continent is France on?", "France is in Europe, like Spain.", True, 0.8, 0.95),
     ("What does an owl eat?", "An owl eats mice.", True, 1.0, 1.0),                    # the value names an animal
@@ -255,6 +262,8 @@ BAD_AND_ODD = [
                                  '"continent": "Europe", "language": "Spanish"}', False, 0.2, 0.2),  # no credit
     ("Describe France as JSON.", '{"name": "Peru", "type": "country", "capital": "Lima", '
                                  '"continent": "South America", "language": "Spanish"}', False, 0.2, 0.2),
+    ("Describe France as JSON.", '{"name": "Frnace", "type": "country", "capital": "Paris", '   # a typo is
+                                 '"continent": "Europe", "language": "French"}', False, 0.5, 0.55),  # not another entity
     ("Describe France as JSON.", '{"name": "France", "type": "country", "capital": "Paris"', False, 0.0, 0.2),
     ("Describe France as JSON.", '{"name": "France" "capital": "Paris"}', False, 0.0, 0.1),
 ]
