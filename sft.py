@@ -43,7 +43,7 @@ from torch.nn import functional as F
 
 from bpe import MESSAGE_PREFIX, UsageError, render_chat
 from model import (IGNORE_INDEX, Progress, atomic_path, autocast, chat_responses, choose_device, load_checkpoint,
-                   load_model, read_jsonl, run_cli, save_checkpoint, set_seed, write_json)
+                   load_model, prompt_room, read_jsonl, run_cli, save_checkpoint, set_seed, write_json)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -473,7 +473,7 @@ def newline_token_ids(tokenizer):
 def greedy_continuations(model, tokenizer, texts, max_new_tokens, stop_tokens, batch_size=64):
     """What the base model writes after each text, greedy, up to (not including) its first stop token.
     A text too long for the context keeps its end, where the question is."""
-    keep = max(model.config.block_size - max_new_tokens, 1)
+    keep = prompt_room(model.config.block_size, max_new_tokens)
     written = []
     for start in range(0, len(texts), batch_size):
         prompts = [tokenizer.encode(text)[-keep:] for text in texts[start:start + batch_size]]
@@ -515,26 +515,36 @@ def retrieved_passages(world, tasks, k=2):
 
 
 @torch.no_grad()
-def sft_technique_responses(model, tokenizer, world, tasks):
-    """prompt -> the SFT model's greedy answer with its family's technique (the tool's result included)."""
+def asked_with_technique(world, tasks):
+    """task prompt -> the prompt as the assistant is asked it: "Let's think step by step." in front of a
+    chain-of-thought sum, two retrieved passages before a retrieval question, a product as it is (the
+    calculator runs while it answers). The oracle grades the answer against this prompt: after "Let's
+    think step by step." only a worked answer is ideal."""
     from data.tinyworld import COT_PREFIX, context_prompt
-    from sample import Sampling, chat_answers
     passages = retrieved_passages(world, tasks)
     asked = {"cot": lambda task: COT_PREFIX + task.prompt, "calculator": lambda task: task.prompt,
              "retrieval": lambda task: context_prompt(passages[task.prompt], task.prompt)}
+    return {task.prompt: asked[task.family](task) for task in tasks if task.family in asked}
+
+
+def sft_technique_responses(model, tokenizer, world, tasks):
+    """task prompt -> (prompt as asked, the SFT model's greedy answer with its family's technique)."""
+    from sample import Sampling, chat_answers
+    asked = asked_with_technique(world, tasks)
     answers = {}
-    for family, ask in asked.items():
-        subset = [task for task in tasks if task.family == family]
+    for family in TECHNIQUE_FAMILIES:
+        subset = [task.prompt for task in tasks if task.family == family]
         room = model.config.block_size if family == "cot" else 96     # a worked 4-digit sum is ~200 tokens
         sampling = Sampling(max_new_tokens=room, temperature=0.0, tool=family == "calculator")
-        answers.update(zip([task.prompt for task in subset],
-                           chat_answers(model, tokenizer, [ask(task) for task in subset], sampling)))
+        written = chat_answers(model, tokenizer, [asked[prompt] for prompt in subset], sampling)
+        answers.update((prompt, (asked[prompt], answer)) for prompt, answer in zip(subset, written))
     return answers
 
 
 def base_technique_responses(model, tokenizer, world, tasks):
-    """prompt -> the base model's greedy answer with its family's technique, each in a corpus layout."""
-    from data.tinyworld import context_prompt
+    """task prompt -> (prompt as asked, the base model's greedy answer with its family's technique), each
+    technique in a layout of the base model's corpus."""
+    asked_as = asked_with_technique(world, tasks)
     lines = line_stops(tokenizer)
 
     def complete(texts, max_new_tokens, stops):
@@ -546,7 +556,8 @@ def base_technique_responses(model, tokenizer, world, tasks):
     written = complete([f"Question: {task.prompt}\nLet's think step by step.\n" for task in subset],
                        max(model.config.block_size - 32, 1),   # the question takes ~20 tokens; the rest is room
                        (tokenizer.special_tokens["<|endoftext|>"],))
-    answers.update((task.prompt, text.split("\n\n")[0].strip()) for task, text in zip(subset, written))
+    answers.update((task.prompt, (asked_as[task.prompt], text.split("\n\n")[0].strip()))
+                   for task, text in zip(subset, written))
     # the calculator: two solved rows of a calculator log, then the question. The model writes the
     # calculator line up to "->"; we compute what follows, and the model then writes the answer line.
     subset = [task for task in tasks if task.family == "calculator"]
@@ -557,13 +568,11 @@ def base_technique_responses(model, tokenizer, world, tasks):
     asked = [f"{page}Question: {task.prompt}\nCalculator:" for task in subset]
     calls = [run_calculator_line(line) for line in complete(asked, 24, lines)]
     written = complete([f"{text}{call}Answer:" for text, call in zip(asked, calls)], 32, lines)
-    answers.update((task.prompt, text.strip()) for task, text in zip(subset, written))
+    answers.update((task.prompt, (asked_as[task.prompt], text.strip())) for task, text in zip(subset, written))
     # retrieval: the retrieval layout, which the corpus's reading pages use, then "Answer:"
     subset = [task for task in tasks if task.family == "retrieval"]
-    passages = retrieved_passages(world, subset)
-    written = complete([context_prompt(passages[task.prompt], task.prompt) + "\nAnswer:" for task in subset],
-                       32, lines)
-    answers.update((task.prompt, text.strip()) for task, text in zip(subset, written))
+    written = complete([asked_as[task.prompt] + "\nAnswer:" for task in subset], 32, lines)
+    answers.update((task.prompt, (asked_as[task.prompt], text.strip())) for task, text in zip(subset, written))
     return answers
 
 
@@ -580,13 +589,15 @@ def run_calculator_line(line):
 
 
 def technique_metrics(world, tasks, answers):
-    """Accuracy and score of the technique families, as "accuracy/cot_with_technique" and so on."""
-    subset = [task for task in tasks if task.family in TECHNIQUE_FAMILIES]
-    if not subset:
-        return {}
-    graded, _ = world.evaluate(lambda prompts: [answers[prompt] for prompt in prompts], subset)
-    return {f"{key}{TECHNIQUE_SUFFIX}": value for key, value in graded.items()
-            if key.split("/")[1] in TECHNIQUE_FAMILIES}
+    """answers: task prompt -> (prompt as asked, answer). Accuracy and score of each technique family,
+    graded against the prompt as asked, as "accuracy/cot_with_technique" and so on."""
+    metrics = {}
+    for family in TECHNIQUE_FAMILIES:
+        grades = [world.grade(*answers[task.prompt]) for task in tasks if task.family == family]
+        if grades:
+            metrics[f"accuracy/{family}{TECHNIQUE_SUFFIX}"] = sum(grade.correct for grade in grades) / len(grades)
+            metrics[f"score/{family}{TECHNIQUE_SUFFIX}"] = sum(grade.score for grade in grades) / len(grades)
+    return metrics
 
 
 @torch.no_grad()

@@ -305,11 +305,25 @@ def test_the_calculator_result_comes_from_the_tool_not_the_model():
     assert sft.run_calculator_line(" Paris -> 5") == " Paris -> error\n"
 
 
-def test_technique_metrics_grade_each_family_with_its_technique(world):
+def test_technique_metrics_grade_each_answer_as_it_was_asked(world):
+    from data.tinyworld import COT_PREFIX, worked_addition
     tasks = world.tasks("eval")
-    ideal = {task.prompt: task.answer for task in tasks}
-    metrics = sft.technique_metrics(world, tasks, ideal)
-    assert metrics == {f"{kind}/{family}_with_technique": 1.0
-                       for kind in ("accuracy", "score") for family in sft.TECHNIQUE_FAMILIES}
-    wrong = sft.technique_metrics(world, tasks, {prompt: "I do not know." for prompt in ideal})
+    asked = sft.asked_with_technique(world, tasks)
+    assert {task.family for task in tasks if task.prompt in asked} == set(sft.TECHNIQUE_FAMILIES)
+    cot = [task for task in tasks if task.family == "cot"]
+    assert all(asked[task.prompt] == COT_PREFIX + task.prompt for task in cot)
+    assert all(task.prompt in asked[task.prompt] and "Passage 1:" in asked[task.prompt]
+               for task in tasks if task.family == "retrieval")
+
+    def ideal(task):   # the worked form is the ideal answer once "Let's think step by step." was asked
+        if task.family == "cot":
+            return worked_addition(*map(int, re.findall(r"\d+", task.prompt)))
+        return task.answer
+    answers = {task.prompt: (asked[task.prompt], ideal(task)) for task in tasks if task.prompt in asked}
+    assert sft.technique_metrics(world, tasks, answers) == {
+        f"{kind}/{family}_with_technique": 1.0 for kind in ("accuracy", "score") for family in sft.TECHNIQUE_FAMILIES}
+    direct = dict(answers, **{task.prompt: (asked[task.prompt], task.answer) for task in cot})
+    graded = sft.technique_metrics(world, tasks, direct)   # right, but without the steps it was asked for
+    assert graded["accuracy/cot_with_technique"] == 1.0 and graded["score/cot_with_technique"] == pytest.approx(0.8)
+    wrong = sft.technique_metrics(world, tasks, {prompt: (question, "I do not know.") for prompt, question in asked.items()})
     assert all(value == 0.0 for value in wrong.values())
