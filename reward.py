@@ -79,9 +79,9 @@ class Config:
                                                                  "log-probability per token of the response to the "
                                                                  "head's scalar (0: the head alone, as in InstructGPT)"})
     train_layers: int = field(default=1, metadata={"help": "train the head and the top N transformer blocks; the "
-                                                           "blocks below and the embeddings (also the LM head the "
-                                                           "log-probability comes from) keep the SFT weights "
-                                                           "(-1: train everything)"})
+                                                           "blocks below, the final LayerNorm and the embeddings "
+                                                           "(also the LM head the log-probability comes from) keep "
+                                                           "the SFT weights (-1: train everything)"})
     center_penalty: float = field(default=0.01, metadata={"help": "weight of (mean reward)^2 in the loss: "
                                                                   "keeps rewards centred on 0"})
     eval_interval: int = field(default=10, metadata={"help": "evaluate on the held-out prompts every N steps"})
@@ -330,18 +330,23 @@ def reward_model_from_sft(sft_model, logprob_weight=0.0):
     return model
 
 
+def check_train_layers(train_layers, n_layer):
+    if not -1 <= train_layers <= n_layer:
+        raise UsageError(f"--train_layers {train_layers}: choose from 0 (the head alone) to {n_layer} (every "
+                         f"block), or -1 to train all of it")
+
+
 def freeze_lower_layers(model, train_layers):
-    """Leave only the scalar head and the top train_layers blocks trainable (all of it with -1).
+    """Leave only the scalar head and the top train_layers blocks trainable (all of it with -1; the final
+    LayerNorm stays frozen too, so the log-probability part changes only through the top block).
     Why: ~1,000 prompts of comparisons are far too few to retrain a whole transformer, and most of
     what the reward needs (which facts are true, what the model expected at each token) is already in
     the SFT weights. Trained everywhere, the model fits its training pairs and loses some of that: on
     the held-out pairs of two default runs it ended 1.7 and 2.6 points below the untrained
     log-probability it starts from; with only the top block trained, 0.2 and 1.3 points above (README)."""
-    if train_layers < 0:
+    check_train_layers(train_layers, model.config.n_layer)
+    if train_layers == -1:
         return
-    if train_layers > model.config.n_layer:
-        raise UsageError(f"--train_layers {train_layers}: the model has only {model.config.n_layer} blocks "
-                         f"(use -1 to train all of it)")
     top = [f"transformer.h.{i}." for i in range(model.config.n_layer - train_layers, model.config.n_layer)]
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(name.startswith("scalar_head.") or name.startswith(tuple(top)))
@@ -611,6 +616,15 @@ def main(config: Config) -> dict:
 
     # --- comparisons: sampled from the SFT model and ranked by the oracle, or read from --data
     sft_model, tokenizer, _ = load_model(sft_path, stages="sft", device=device)
+    check_train_layers(config.train_layers, sft_model.config.n_layer)   # before minutes of sampling
+    if config.resume and os.path.isfile(reward_path):   # the same settings, checked before minutes of sampling
+        started = load_checkpoint(reward_path, stages="reward")
+        weight = started["model_config"].get("reward_logprob_weight", 0.0)
+        if weight != config.logprob_weight:
+            raise UsageError(f"{reward_path} was started with --logprob_weight {weight}; resume with the same")
+        trained = started["args"].get("train_layers", -1)
+        if trained != config.train_layers:
+            raise UsageError(f"{reward_path} was started with --train_layers {trained}; resume with the same")
     sampling_seconds, skipped = 0.0, 0
     # The world's prompts: its reward split, its SFT split (--sft_prompts; SFT trained on those answers,
     # so their samples are trained on, never held out) and its eval split, held out to evaluate on
@@ -682,12 +696,6 @@ def main(config: Config) -> dict:
         checkpoint = load_checkpoint(reward_path, stages="reward")
         if "resume" not in checkpoint:
             raise UsageError(f"{reward_path} finished training; there is nothing to resume")
-        started_with = checkpoint["model_config"].get("reward_logprob_weight", 0.0)
-        if started_with != config.logprob_weight:
-            raise UsageError(f"{reward_path} was started with --logprob_weight {started_with}; resume with the same")
-        trained = checkpoint["args"].get("train_layers", -1)
-        if trained != config.train_layers:
-            raise UsageError(f"{reward_path} was started with --train_layers {trained}; resume with the same")
         if "uncentred_bias" not in checkpoint["resume"]:
             raise UsageError(f"{reward_path} was interrupted by an older reward.py; start afresh without --resume")
         model.load_state_dict(checkpoint["model"])

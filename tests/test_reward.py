@@ -438,5 +438,6 @@ def test_only_the_head_and_the_top_blocks_train(tmp_path, make_checkpoint):
     assert everything["steps"] == 3
     after = load_checkpoint(str(tmp_path / "all" / "reward.pt"))["model"]
     assert not torch.equal(before["transformer.wte.weight"], after["transformer.wte.weight"])
-    with pytest.raises(UsageError, match="--train_layers 4: the model has only 3 blocks"):
-        main(dataclasses.replace(config, train_layers=4))
+    for wrong in (4, -2):
+        with pytest.raises(UsageError, match=f"--train_layers {wrong}: choose from 0 .* to 3"):
+            main(dataclasses.replace(config, train_layers=wrong))
