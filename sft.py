@@ -554,7 +554,7 @@ def base_technique_responses(model, tokenizer, world, tasks):
     # chain of thought: a worked-addition page; the answer runs to the first blank line
     subset = [task for task in tasks if task.family == "cot"]
     written = complete([f"Question: {task.prompt}\nLet's think step by step.\n" for task in subset],
-                       max(model.config.block_size - 32, 1),   # the question takes ~20 tokens; the rest is room
+                       model.config.block_size,   # a worked 4-digit sum is ~200 tokens: as long as fits
                        (tokenizer.special_tokens["<|endoftext|>"],))
     answers.update((task.prompt, (asked_as[task.prompt], text.split("\n\n")[0].strip()))
                    for task, text in zip(subset, written))
