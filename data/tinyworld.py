@@ -1030,12 +1030,17 @@ class World:
             if ideal.startswith(text):
                 return Grade(0.1, "JSON cut off before the end", False)
             return Grade(0.05 if "{" in text else 0.0, "malformed JSON" if "{" in text else "not JSON", False)
-        # A record of another country or animal is a wrong answer, as for a fact said of the wrong one:
-        # a labeler does not give it credit for the fields it happens to share with the asked entity
-        # (a record of Argentina "knows" that Mexico speaks Spanish no more than one of Italy does).
-        other = self._named.get(value["name"].lower()) if isinstance(value.get("name"), str) else None
-        if other is not None and other is not question.entity:
-            return Grade(0.2, f"JSON of another entity: {other.name}, asked about {expected['name']}", False)
+        # A record of another country or animal is a wrong answer, whatever it happens to share with the
+        # asked one. Which entity a record is of: the one whose own record it matches in most fields (the
+        # asked one on a tie), so that "Frnace" with France's capital is a typo, and Argentina's record with
+        # its name misspelt, or left out, is still Argentina's.
+        if str(value.get("name", "")).lower() != expected["name"].lower():
+            def shared(entity):
+                return sum(str(value.get(field, "")).lower() == str(right).lower()
+                           for field, right in entity.record().items())
+            closest = max(self._everyone, key=lambda entity: (shared(entity), entity is question.entity))
+            if closest is not question.entity:
+                return Grade(0.2, f"JSON of another entity: {closest.name}, asked about {expected['name']}", False)
         wrong = [field for field, right in expected.items() if str(value.get(field, "")).lower() != str(right).lower()]
         if wrong:
             share = 1 - len(wrong) / len(expected)

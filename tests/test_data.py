@@ -264,6 +264,10 @@ BAD_AND_ODD = [
                                  '"continent": "South America", "language": "Spanish"}', False, 0.2, 0.2),
     ("Describe France as JSON.", '{"name": "Frnace", "type": "country", "capital": "Paris", '   # a typo is
                                  '"continent": "Europe", "language": "French"}', False, 0.5, 0.55),  # not another entity
+    ("Describe France as JSON.", '{"name": "Sbain", "type": "country", "capital": "Madrid", '    # but Spain's record
+                                 '"continent": "Europe", "language": "Spanish"}', False, 0.2, 0.2),  # misspelt still is,
+    ("Describe France as JSON.", '{"type": "country", "capital": "Madrid", '                     # and so is one
+                                 '"continent": "Europe", "language": "Spanish"}', False, 0.2, 0.2),  # without a name
     ("Describe France as JSON.", '{"name": "France", "type": "country", "capital": "Paris"', False, 0.0, 0.2),
     ("Describe France as JSON.", '{"name": "France" "capital": "Paris"}', False, 0.0, 0.1),
 ]
