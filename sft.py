@@ -18,8 +18,12 @@ Three details matter on a model this small:
 
 The talk's finetuning advice lives here too: `--lora_rank 8` trains small low-rank adapters while the
 GPT stays frozen (they fit more slowly than the whole model, and need a 10x larger learning rate to reach
-86-94% of full SFT's accuracy; they forget less of what pretraining taught), and
+76-94% of full SFT's accuracy; they forget less of what pretraining taught), and
 `--base_precision int8` holds that frozen part in 8 bits.
+
+Evaluation is the talk's comparison: the base model tricked into answering by a few-shot page against the
+SFT assistant, on held-out prompts graded by the tiny world's oracle; chain-of-thought sums, calculator
+products and retrieval questions are asked a second time with their technique, for both models.
 
     python sft.py --show_example                         # one conversation, with the trained tokens marked
     python sft.py --lora_rank 8 --base_precision int8    # parameter-efficient finetuning
