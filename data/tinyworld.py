@@ -256,17 +256,34 @@ def answer_sentence(entity, attribute):
     return fill(ANSWERS[attribute], v=entity.fact(attribute), **entity.fields())
 
 
+def answer_lead(entity, attribute):
+    """The ideal answer up to its value: "The capital of Peru is " (the pretraining probe's prefix too)."""
+    return fill(ANSWERS[attribute].split("{v}")[0], **entity.fields())
+
+
+def fields_matching(record, expected):
+    """The fields of a JSON answer that hold the expected record's value (case-blind, numbers as text)."""
+    return [field for field, right in expected.items() if str(record.get(field, "")).lower() == str(right).lower()]
+
+
+CALCULATOR_LOG_HEADER = "Using a calculator"
+
+
+def calculator_log_row(question, a, b):
+    """One solved row of the corpus's calculator logs: the question, the calculator line, the answer."""
+    return f"Question: {question}\nCalculator: {a} * {b} -> {a * b}\nAnswer: {a} * {b} = {a * b}."
+
+
 def value_in_slot(text, entity, attribute):
     """The value an answer in the ideal's form gives, or None: the text must start as the ideal sentence
     does up to the value (from the template: "People in Germany speak ", not up to the first "German"),
     and what follows, to the sentence's end, must look like one value: a word, or a name of capitalised
     words ("New Delhi"). "The capital of Peru is a lovely city." gives none."""
-    before, after = ANSWERS[attribute].split("{v}")
-    lead = fill(before, **entity.fields())
+    lead = answer_lead(entity, attribute)
     if not text.startswith(lead):
         return None
     value = re.split(r"[.!?\n]", text[len(lead):], maxsplit=1)[0].strip()
-    tail = after.rstrip(".")                          # " legs" for legs; nothing for the others
+    tail = ANSWERS[attribute].split("{v}")[1].rstrip(".")   # " legs" for legs; nothing for the others
     if tail and value.endswith(tail):
         value = value[:-len(tail)].strip()
     return value if re.fullmatch(r"[\w'-]+|[A-Z][\w'-]*(?: [A-Z][\w'-]*)+", value) else None
@@ -860,9 +877,8 @@ class World:
         rows = []
         for _ in range(rng.randint(2, 4)):
             a, op, b = self._corpus_product(rng)
-            rows.append(f"Question: {fill(rng.choice(ARITHMETIC_QUESTIONS), a=a, op=op, b=b)}\n"
-                        f"Calculator: {a} * {b} -> {a * b}\nAnswer: {a} * {b} = {a * b}.")
-        return "Using a calculator\n\n" + "\n\n".join(rows)
+            rows.append(calculator_log_row(fill(rng.choice(ARITHMETIC_QUESTIONS), a=a, op=op, b=b), a, b))
+        return "\n\n".join([CALCULATOR_LOG_HEADER] + rows)
 
     # --- retrieval, probes, few-shot ------------------------------------------------------------------
 
@@ -889,7 +905,7 @@ class World:
         for entity in self.countries + self.animals:
             if entity in keep:
                 for attribute, value in entity.facts:
-                    prefix = fill(ANSWERS[attribute].split("{v}")[0], **entity.fields()).rstrip()
+                    prefix = answer_lead(entity, attribute).rstrip()
                     probes.append((prefix, value))
         return probes
 
@@ -1034,14 +1050,13 @@ class World:
         # asked one. Which entity a record is of: the one whose own record it matches in most fields (the
         # asked one on a tie), so that "Frnace" with France's capital is a typo, and Argentina's record with
         # its name misspelt, or left out, is still Argentina's.
-        if str(value.get("name", "")).lower() != expected["name"].lower():
-            def shared(entity):
-                return sum(str(value.get(field, "")).lower() == str(right).lower()
-                           for field, right in entity.record().items())
-            closest = max(self._everyone, key=lambda entity: (shared(entity), entity is question.entity))
+        right = fields_matching(value, expected)
+        if "name" not in right:
+            closest = max(self._everyone, key=lambda entity: (len(fields_matching(value, entity.record())),
+                                                              entity is question.entity))
             if closest is not question.entity:
                 return Grade(0.2, f"JSON of another entity: {closest.name}, asked about {expected['name']}", False)
-        wrong = [field for field, right in expected.items() if str(value.get(field, "")).lower() != str(right).lower()]
+        wrong = [field for field in expected if field not in right]
         if wrong:
             share = 1 - len(wrong) / len(expected)
             return Grade(round(0.2 + 0.4 * share, 3), f"JSON with wrong or missing fields: {', '.join(wrong)}", False)
