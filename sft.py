@@ -36,7 +36,6 @@ mix), LoRA and int8, the training loop, evaluation, saving.
 import math
 import os
 import random
-import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -518,7 +517,6 @@ def retrieved_passages(world, tasks, k=2):
             for task in tasks if task.family == "retrieval"}
 
 
-@torch.no_grad()
 def asked_with_technique(world, tasks):
     """task prompt -> the prompt as the assistant is asked it: "Let's think step by step." in front of a
     chain-of-thought sum, two retrieved passages before a retrieval question, a product as it is (the
@@ -531,10 +529,10 @@ def asked_with_technique(world, tasks):
     return {task.prompt: asked[task.family](task) for task in tasks if task.family in asked}
 
 
-def sft_technique_responses(model, tokenizer, world, tasks):
-    """task prompt -> (prompt as asked, the SFT model's greedy answer with its family's technique)."""
+def sft_technique_responses(model, tokenizer, tasks, asked):
+    """task prompt -> (prompt as asked, the SFT model's greedy answer with its family's technique).
+    asked: asked_with_technique's prompts."""
     from sample import Sampling, chat_answers
-    asked = asked_with_technique(world, tasks)
     answers = {}
     for family in TECHNIQUE_FAMILIES:
         subset = [task.prompt for task in tasks if task.family == family]
@@ -545,10 +543,11 @@ def sft_technique_responses(model, tokenizer, world, tasks):
     return answers
 
 
-def base_technique_responses(model, tokenizer, world, tasks):
+def base_technique_responses(model, tokenizer, world, tasks, asked_as):
     """task prompt -> (prompt as asked, the base model's greedy answer with its family's technique), each
-    technique in a layout of the base model's corpus."""
-    asked_as = asked_with_technique(world, tasks)
+    technique in a layout of the base model's corpus. asked_as: asked_with_technique's prompts (graded
+    against; the retrieval prompt is also what the base model reads)."""
+    from data.tinyworld import ARITHMETIC_PATTERN, CALCULATOR_LOG_HEADER, calculator_log_row
     lines = line_stops(tokenizer)
 
     def complete(texts, max_new_tokens, stops):
@@ -566,9 +565,11 @@ def base_technique_responses(model, tokenizer, world, tasks):
     # calculator line up to "->"; we compute what follows, and the model then writes the answer line.
     subset = [task for task in tasks if task.family == "calculator"]
     solved = [task for task in world.tasks("sft") if task.family == "calculator"][:2]
-    page = "Using a calculator\n\n" + "".join(
-        f"Question: {task.prompt}\nCalculator: {a} * {b} -> {a * b}\nAnswer: {a} * {b} = {a * b}.\n\n"
-        for task in solved for a, b in [map(int, re.findall(r"\d+", task.prompt)[:2])])
+    rows = []
+    for task in solved:
+        a, _, b = ARITHMETIC_PATTERN.search(task.prompt).groups()
+        rows.append(calculator_log_row(task.prompt, int(a), int(b)))
+    page = "\n\n".join([CALCULATOR_LOG_HEADER] + rows) + "\n\n"
     asked = [f"{page}Question: {task.prompt}\nCalculator:" for task in subset]
     calls = [run_calculator_line(line) for line in complete(asked, 24, lines)]
     written = complete([f"{text}{call}Answer:" for text, call in zip(asked, calls)], 32, lines)
@@ -776,6 +777,7 @@ def main(config: Config) -> dict:
         eval_tasks = [task for family in FAMILIES
                       for task in [task for task in eval_tasks if task.family == family][:config.eval_limit]]
     validation = validation_batches(tokenizer, eval_tasks, block_size)
+    asked = asked_with_technique(world, eval_tasks)   # cot, calculator, retrieval as the assistant is asked them
     print(f"SFT on {len(examples):,} conversations from {config.data or 'the tiny world'} "
           f"({truncated} truncated, {dropped} dropped); {config.pretrain_mix} rows of pretraining text in every step")
 
@@ -787,7 +789,7 @@ def main(config: Config) -> dict:
         base_metrics, answers = world.evaluate(lambda prompts: base_fewshot_responses(
             model, tokenizer, world, prompts, config.eval_max_new_tokens), eval_tasks)
         base_metrics.update(technique_metrics(world, eval_tasks,
-                                              base_technique_responses(model, tokenizer, world, eval_tasks)))
+                                              base_technique_responses(model, tokenizer, world, eval_tasks, asked)))
         metrics = prefixed("base_fewshot/", base_metrics)
         before = {task.prompt: answer for task, answer in zip(eval_tasks, answers)}
     if metrics:
@@ -850,7 +852,7 @@ def main(config: Config) -> dict:
     # --- the "after" picture: the SFT model, greedy and at temperature 1 ---
     if eval_tasks and not interrupted:
         try:
-            metrics.update(evaluate_sft(model, tokenizer, world, eval_tasks, config, before))
+            metrics.update(evaluate_sft(model, tokenizer, world, eval_tasks, asked, config, before))
             columns += [("SFT greedy", ""), ("SFT temperature 1", "temperature1/")]
             print_table(metrics, columns)
         except KeyboardInterrupt:
@@ -879,7 +881,7 @@ def load_resume_state(sft_path, config):
     return state
 
 
-def evaluate_sft(model, tokenizer, world, tasks, config, before):
+def evaluate_sft(model, tokenizer, world, tasks, asked, config, before):
     """The oracle's figures for the SFT model, greedy (the plain keys: the stage's headline) and at
     temperature 1 (what the reward model and RLHF will see), and three answers before and after."""
     evaluation_started = time.time()
@@ -887,7 +889,7 @@ def evaluate_sft(model, tokenizer, world, tasks, config, before):
         model, tokenizer, prompts, temperature=0.0, max_new_tokens=config.eval_max_new_tokens), tasks)
     sampled, _ = world.evaluate(lambda prompts: chat_responses(
         model, tokenizer, prompts, temperature=1.0, max_new_tokens=config.eval_max_new_tokens, seed=config.seed), tasks)
-    greedy.update(technique_metrics(world, tasks, sft_technique_responses(model, tokenizer, world, tasks)))
+    greedy.update(technique_metrics(world, tasks, sft_technique_responses(model, tokenizer, tasks, asked)))
     show_answers(tasks, before, {task.prompt: answer for task, answer in zip(tasks, answers)})
     return {**greedy, **prefixed("temperature1/", sampled), "seconds/eval": round(time.time() - evaluation_started, 1)}
 
