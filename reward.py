@@ -13,8 +13,8 @@ completions for every prompt of the world's reward and SFT splits (to train on) 
 (held out, to measure on), ranks them with the oracle (equal scores are ties, and a tie gives no pair),
 writes what the "labelers" saw to out/comparisons.jsonl, then trains the reward model: the SFT
 transformer with a new scalar head (only the head and the top block train: --train_layers), loss
--log sigmoid(r_better - r_worse) over every ordered pair of a prompt's ranking. The reward is the head's number plus the transformer's own mean log-probability of
-the response (--logprob_weight; rewards_of says why: a head alone learns little from this much data).
+-log sigmoid(r_better - r_worse) over every ordered pair of a prompt's ranking. The reward is the head's
+number plus the transformer's own mean log-probability of the response (--logprob_weight; rewards_of says why: a head alone learns little from this much data).
 `--data FILE.jsonl` trains on given preferences instead: {"prompt", "chosen", "rejected"} lines or
 {"prompt", "completions", "ranking"}.
 
@@ -618,14 +618,18 @@ def main(config: Config) -> dict:
     # --- comparisons: sampled from the SFT model and ranked by the oracle, or read from --data
     sft_model, tokenizer, _ = load_model(sft_path, stages="sft", device=device)
     check_train_layers(config.train_layers, sft_model.config.n_layer)   # before minutes of sampling
-    if config.resume and os.path.isfile(reward_path):   # the same settings, checked before minutes of sampling
-        started = load_checkpoint(reward_path, stages="reward")
-        weight = started["model_config"].get("reward_logprob_weight", 0.0)
+    resumed = load_checkpoint(reward_path, stages="reward") if config.resume else None
+    if resumed:   # the same settings, checked before minutes of sampling
+        if "resume" not in resumed:
+            raise UsageError(f"{reward_path} finished training; there is nothing to resume")
+        weight = resumed["model_config"].get("reward_logprob_weight", 0.0)
         if weight != config.logprob_weight:
             raise UsageError(f"{reward_path} was started with --logprob_weight {weight}; resume with the same")
-        trained = started["args"].get("train_layers", -1)
+        trained = resumed["args"].get("train_layers", -1)
         if trained != config.train_layers:
             raise UsageError(f"{reward_path} was started with --train_layers {trained}; resume with the same")
+        if "uncentred_bias" not in resumed["resume"]:
+            raise UsageError(f"{reward_path} was interrupted by an older reward.py; start afresh without --resume")
     sampling_seconds, skipped = 0.0, 0
     # The world's prompts: its reward split, its SFT split (--sft_prompts; SFT trained on those answers,
     # so their samples are trained on, never held out) and its eval split, held out to evaluate on
@@ -693,17 +697,12 @@ def main(config: Config) -> dict:
     optimizer = model.configure_optimizer(config.learning_rate, config.weight_decay)
     first_step = 0
     history = {"step": [], "train_loss": [], "eval_step": [], "eval_loss": [], "eval_accuracy": []}
-    if config.resume:
-        checkpoint = load_checkpoint(reward_path, stages="reward")
-        if "resume" not in checkpoint:
-            raise UsageError(f"{reward_path} finished training; there is nothing to resume")
-        if "uncentred_bias" not in checkpoint["resume"]:
-            raise UsageError(f"{reward_path} was interrupted by an older reward.py; start afresh without --resume")
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["resume"]["optimizer"])
-        first_step, history = checkpoint["resume"]["step"], checkpoint["resume"]["history"]
+    if resumed:   # read and checked above, before sampling
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["resume"]["optimizer"])
+        first_step, history = resumed["resume"]["step"], resumed["resume"]["history"]
         with torch.no_grad():   # the saved model was centred; training continues from the bias before that
-            model.scalar_head.bias.copy_(checkpoint["resume"]["uncentred_bias"])
+            model.scalar_head.bias.copy_(resumed["resume"]["uncentred_bias"])
         print(f"resuming at step {first_step}")
 
     def learning_rate(step):
