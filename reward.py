@@ -67,8 +67,8 @@ class Config:
                                                                    "training to evaluate on (the world's held-out "
                                                                    "prompts are its eval split)"})
     # training
-    max_iters: int = field(default=80, metadata={"help": "training steps (80 x 16 prompts: about two passes over "
-                                                         "the ~700 training prompts that have pairs; more only "
+    max_iters: int = field(default=80, metadata={"help": "training steps (80 x 16 prompts: about 1.5 passes over "
+                                                         "the ~850 training prompts that have pairs; more only "
                                                          "overfits them)"})
     prompts_per_step: int = field(default=16, metadata={"help": "prompts per step; all K completions of a "
                                                                 "prompt go in together"})
@@ -344,7 +344,8 @@ def freeze_lower_layers(model, train_layers):
     the SFT weights. Trained everywhere, the model fits its training pairs and loses some of that: on
     the held-out pairs of three SFT models it ended 1.2 and 3.6 points below the untrained
     log-probability it starts from on two of them (0.7 above on the third); with only the top block
-    trained, 0.2 to 1.7 points above on all three (README, "Which layers to train")."""
+    trained, 0.2 to 1.7 points above on all three (README, "Which layers to train"; the eval prompts
+    asked bare, at --learning_rate 1e-4)."""
     check_train_layers(train_layers, model.config.n_layer)
     if train_layers == -1:
         return
@@ -632,18 +633,24 @@ def main(config: Config) -> dict:
             raise UsageError(f"{reward_path} was interrupted by an older reward.py; start afresh without --resume")
     sampling_seconds, skipped = 0.0, 0
     # The world's prompts: its reward split, its SFT split (--sft_prompts; SFT trained on those answers,
-    # so their samples are trained on, never held out) and its eval split, held out to evaluate on
+    # so their samples are trained on, never held out) and its eval split, held out to evaluate on. The
+    # eval split stores its prompts bare; they are asked here as the other splits ask theirs and as the
+    # assistant is used: retrieval questions after their passages, long sums after "Let's think step by
+    # step." (Asked bare, a question about a country known only from a passage has no right answer to
+    # sample, and the held-out pairs would measure how well a reward model ranks two failures.)
     world, prompts, heldout_prompts = None, [], frozenset()
     if not config.data:
         from data.tinyworld import World
+        from sample import tasks_as_asked
         world = World()
 
-        def first_prompts(split):
-            found = [task.prompt for task in world.tasks(split)]
+        def first_prompts(tasks):
+            found = [task.prompt for task in tasks]
             return found[:config.max_prompts] if config.max_prompts > 0 else found
-        eval_prompts = first_prompts("eval")
+        eval_prompts = first_prompts(tasks_as_asked(world, world.tasks("eval")))
         heldout_prompts = frozenset(eval_prompts)
-        prompts = first_prompts("reward") + (first_prompts("sft") if config.sft_prompts else []) + eval_prompts
+        prompts = (first_prompts(world.tasks("reward")) + (first_prompts(world.tasks("sft")) if config.sft_prompts else [])
+                   + eval_prompts)
     if config.data:
         comparisons, skipped = read_preferences(config.data)
         print(f"read {len(comparisons)} comparisons from {config.data}"

@@ -644,8 +644,11 @@ def main(config: Config) -> dict:
 
         def demonstrations(step):
             return pad_batch(batch_of(examples, step, config.sft_batch_size, config.seed))
+    # The held-out prompts, asked as the RL split asks its own and as the assistant is used (retrieval
+    # questions after their passages, long sums after "Let's think step by step."): the eval split stores them bare.
+    from sample import tasks_as_asked
     tasks = world.tasks("eval")
-    tasks = tasks[:config.eval_tasks] if config.eval_tasks > 0 else tasks
+    tasks = tasks_as_asked(world, tasks[:config.eval_tasks] if config.eval_tasks > 0 else tasks)
     report_prompts = [task.prompt for task in tasks[:config.diversity_prompts]]
 
     # --- the optimizer, and where we start: fresh, or --resume

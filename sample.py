@@ -322,6 +322,37 @@ def prepare_question(question, config, retriever=None):
     return question
 
 
+def retrieved_passages(world, tasks, k=2):
+    """task prompt -> the k passages TF-IDF retrieval finds for each retrieval question."""
+    if not any(task.family == "retrieval" for task in tasks):
+        return {}
+    retriever = Retriever.build(world.retrieval_documents(), TfidfEmbedder())
+    return {task.prompt: [chunk for _, chunk in retriever.search(task.prompt, k)]
+            for task in tasks if task.family == "retrieval"}
+
+
+def asked_with_technique(world, tasks):
+    """The tiny world's held-out prompts are stored bare, so that a stage can measure the model with and
+    without each technique. This gives, for the three technique families, task prompt -> the prompt as the
+    assistant is asked it: "Let's think step by step." in front of a long sum, the two passages TF-IDF
+    finds before a retrieval question, a product as it is (the calculator is a sampling option, not part
+    of the prompt). The reward and RL splits store theirs asked this way already (half their long sums
+    with the prefix, every retrieval question with passages). The oracle grades the answer against this prompt: after "Let's think step by step." only a worked answer is ideal."""
+    from data.tinyworld import COT_PREFIX, context_prompt
+    passages = retrieved_passages(world, tasks)
+    asked = {"cot": lambda task: COT_PREFIX + task.prompt, "calculator": lambda task: task.prompt,
+             "retrieval": lambda task: context_prompt(passages[task.prompt], task.prompt)}
+    return {task.prompt: asked[task.family](task) for task in tasks if task.family in asked}
+
+
+def tasks_as_asked(world, tasks):
+    """The same tasks, each with its prompt as the assistant is asked it (asked_with_technique): what
+    reward.py holds out and rlhf.py evaluates on, posed the way their training prompts are."""
+    import dataclasses
+    asked = asked_with_technique(world, tasks)
+    return [dataclasses.replace(task, prompt=asked.get(task.prompt, task.prompt)) for task in tasks]
+
+
 def chat_answers(model, tokenizer, questions, sampling, batch_size=64, stats=None):
     """Single-turn answers to many questions, in batches: like model.chat_responses, plus the tool
     and the JSON mask."""

@@ -504,29 +504,8 @@ def base_fewshot_responses(model, tokenizer, world, prompts, max_new_tokens):
 # calculator run, the two passages TF-IDF retrieval finds put before the question. The base model gets the
 # same help in the layouts its corpus shows it: a worked-addition page, a calculator log (the tool runs
 # between the "Calculator:" line and the answer), a reading page.
-TECHNIQUE_FAMILIES = ("cot", "calculator", "retrieval")
+TECHNIQUE_FAMILIES = ("cot", "calculator", "retrieval")   # sample.asked_with_technique builds their prompts
 TECHNIQUE_SUFFIX = "_with_technique"
-
-
-def retrieved_passages(world, tasks, k=2):
-    from sample import Retriever, TfidfEmbedder
-    if not any(task.family == "retrieval" for task in tasks):
-        return {}
-    retriever = Retriever.build(world.retrieval_documents(), TfidfEmbedder())
-    return {task.prompt: [chunk for _, chunk in retriever.search(task.prompt, k)]
-            for task in tasks if task.family == "retrieval"}
-
-
-def asked_with_technique(world, tasks):
-    """task prompt -> the prompt as the assistant is asked it: "Let's think step by step." in front of a
-    chain-of-thought sum, two retrieved passages before a retrieval question, a product as it is (the
-    calculator runs while it answers). The oracle grades the answer against this prompt: after "Let's
-    think step by step." only a worked answer is ideal."""
-    from data.tinyworld import COT_PREFIX, context_prompt
-    passages = retrieved_passages(world, tasks)
-    asked = {"cot": lambda task: COT_PREFIX + task.prompt, "calculator": lambda task: task.prompt,
-             "retrieval": lambda task: context_prompt(passages[task.prompt], task.prompt)}
-    return {task.prompt: asked[task.family](task) for task in tasks if task.family in asked}
 
 
 def sft_technique_responses(model, tokenizer, tasks, asked):
@@ -777,6 +756,7 @@ def main(config: Config) -> dict:
         eval_tasks = [task for family in FAMILIES
                       for task in [task for task in eval_tasks if task.family == family][:config.eval_limit]]
     validation = validation_batches(tokenizer, eval_tasks, block_size)
+    from sample import asked_with_technique
     asked = asked_with_technique(world, eval_tasks)   # cot, calculator, retrieval as the assistant is asked them
     print(f"SFT on {len(examples):,} conversations from {config.data or 'the tiny world'} "
           f"({truncated} truncated, {dropped} dropped); {config.pretrain_mix} rows of pretraining text in every step")

@@ -6,6 +6,7 @@ import re
 import pytest
 import torch
 
+import sample
 import sft
 from bpe import UsageError
 from model import GPT, IGNORE_INDEX, load_model
@@ -308,7 +309,7 @@ def test_the_calculator_result_comes_from_the_tool_not_the_model():
 def test_technique_metrics_grade_each_answer_as_it_was_asked(world):
     from data.tinyworld import COT_PREFIX, worked_addition
     tasks = world.tasks("eval")
-    asked = sft.asked_with_technique(world, tasks)
+    asked = sample.asked_with_technique(world, tasks)
     assert {task.family for task in tasks if task.prompt in asked} == set(sft.TECHNIQUE_FAMILIES)
     cot = [task for task in tasks if task.family == "cot"]
     assert all(asked[task.prompt] == COT_PREFIX + task.prompt for task in cot)

@@ -251,6 +251,25 @@ def test_the_default_k_retrieves_both_passages_of_the_country_asked_about(world)
         assert [task.entity in passage for passage in passages] == [True, True, False], task.prompt
 
 
+def test_held_out_tasks_as_asked_carry_their_technique_and_are_graded_against_it(world):
+    # reward.py holds these out and rlhf.py evaluates on them: posed as the reward and RL splits pose theirs
+    from data.tinyworld import COT_PREFIX
+    tasks = world.tasks("eval")
+    asked = sample.tasks_as_asked(world, tasks)
+    assert [(t.family, t.answer, t.key, t.entity) for t in asked] == [(t.family, t.answer, t.key, t.entity) for t in tasks]
+    for bare, posed in zip(tasks, asked):
+        if bare.family == "cot":
+            assert posed.prompt == COT_PREFIX + bare.prompt
+            assert world.grade(posed.prompt, bare.answer).score == 0.8     # right, but no steps shown
+        elif bare.family == "retrieval":
+            assert posed.prompt.startswith("Answer using the passages below.") and posed.prompt.endswith(bare.prompt)
+            assert posed.prompt.count(bare.entity) >= 3                    # both of its passages, and the question
+            assert world.grade(posed.prompt, bare.answer).correct
+        else:
+            assert posed.prompt == bare.prompt
+        assert world.family_of(posed.prompt) == bare.family
+
+
 def test_chunks_respect_the_word_limit_and_keep_short_documents_whole():
     chunks = split_chunks(CORPUS + [" ".join(f"Sentence number {k}." for k in range(40))], max_words=20)
     assert chunks[:5] == CORPUS
