@@ -34,7 +34,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from typing import Optional
 
@@ -333,11 +333,12 @@ def retrieved_passages(world, tasks, k=2):
 
 def asked_with_technique(world, tasks):
     """The tiny world's held-out prompts are stored bare, so that a stage can measure the model with and
-    without each technique. This gives, for the three technique families, task prompt -> the prompt as the
-    assistant is asked it: "Let's think step by step." in front of a long sum, the two passages TF-IDF
+    without each technique. This gives, for the three technique families, task prompt -> the prompt as
+    the assistant is asked it: "Let's think step by step." in front of a long sum, the two passages TF-IDF
     finds before a retrieval question, a product as it is (the calculator is a sampling option, not part
     of the prompt). The reward and RL splits store theirs asked this way already (half their long sums
-    with the prefix, every retrieval question with passages). The oracle grades the answer against this prompt: after "Let's think step by step." only a worked answer is ideal."""
+    with the prefix, every retrieval question with passages). The oracle grades an answer against the
+    prompt as asked: after "Let's think step by step." only a worked answer is ideal."""
     from data.tinyworld import COT_PREFIX, context_prompt
     passages = retrieved_passages(world, tasks)
     asked = {"cot": lambda task: COT_PREFIX + task.prompt, "calculator": lambda task: task.prompt,
@@ -348,9 +349,8 @@ def asked_with_technique(world, tasks):
 def tasks_as_asked(world, tasks):
     """The same tasks, each with its prompt as the assistant is asked it (asked_with_technique): what
     reward.py holds out and rlhf.py evaluates on, posed the way their training prompts are."""
-    import dataclasses
     asked = asked_with_technique(world, tasks)
-    return [dataclasses.replace(task, prompt=asked.get(task.prompt, task.prompt)) for task in tasks]
+    return [replace(task, prompt=asked.get(task.prompt, task.prompt)) for task in tasks]
 
 
 def chat_answers(model, tokenizer, questions, sampling, batch_size=64, stats=None):
