@@ -74,7 +74,7 @@ class Config:
                                                                 "prompt go in together"})
     # Low: the reward starts as the SFT model's own log-probability, already right on ~90% of held-out
     # pairs, and what ~900 prompts of comparisons can add is small; at 1e-4 the top block drifted from that
-    # judgement (1.1 points lower on average over five SFT models' held-out pairs: README).
+    # judgement (0.8 points lower on average over six SFT models' held-out pairs: README).
     learning_rate: float = field(default=3e-5, metadata={"help": "peak learning rate (warmup, then cosine "
                                                                  "decay to a tenth)"})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay on the matrices"})
