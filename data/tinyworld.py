@@ -821,9 +821,16 @@ class World:
         return header + "\n\n" + "\n\n".join(f"Question: {q}\nAnswer: {a}" for q, a in pairs)
 
     def _doc_json(self, rng, number):
+        # Each record after the name a sentence would use ("Poland: {...}", "The owl: {...}"). With bare record
+        # lines the base model knew every record but not which one "Mexico" asks for: it answered "Describe
+        # Mexico in JSON." with another record (2-4% right on a few-shot page), and SFT, which shows the
+        # records of half the entities, could not teach it for the other half (10-22%). README: "JSON records".
+        def named(entity):
+            subject = entity.subject()
+            return f"{subject[0].upper()}{subject[1:]}: {json.dumps(entity.record())}"
         rows = rng.sample(self.countries + self.animals, rng.randint(1, 3))
         header = rng.choice(["Records:", "Database export:", "Data:", "JSON lines:"])
-        return header + "\n" + "\n".join(json.dumps(e.record()) for e in rows)
+        return header + "\n" + "\n".join(named(entity) for entity in rows)
 
     def _doc_sums(self, rng, number):
         rows = [rng.choice(self._corpus_sums) for _ in range(rng.randint(5, 10))]

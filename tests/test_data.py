@@ -200,6 +200,17 @@ def test_json_answers_parse_with_fixed_fields(world):
                 assert list(record) == fields
 
 
+def test_the_corpus_names_each_record_it_shows(world):
+    # "Poland: {...}": the base model must learn which record a name asks for, not only the records
+    pages = [doc for doc, kind in zip(world.documents(), world.document_kinds()) if kind == "json records"]
+    assert len(pages) >= 100
+    for page in pages:
+        for line in page.splitlines()[1:]:
+            name, record = line.split(": ", 1)
+            entity = json.loads(record)["name"]
+            assert name.lower() in (entity.lower(), "the " + entity.lower()), line
+
+
 def test_prompt_shapes(world):
     sft = world.tasks("sft")
     assert any(t.family == "cot" and t.prompt.startswith(COT_PREFIX) and "\nSo " in t.answer for t in sft)
