@@ -14,11 +14,11 @@ Three details matter on a model this small:
     (measured: questions about entities known from pretraining only, 10% right without, 80% with);
   - 3,000 "reading practice" conversations, each about a country invented for it alone, teach it to
     answer from a passage in its prompt: the world's own retrieval conversations recur over 40 countries,
-    few enough to memorise (measured: retrieval 0% without, 90-94% with).
+    few enough to memorise (measured: retrieval 0% without, 90-98% with).
 
 The talk's finetuning advice lives here too: `--lora_rank 8` trains small low-rank adapters while the
 GPT stays frozen (they fit more slowly than the whole model, and need a 10x larger learning rate to reach
-76-94% of full SFT's accuracy; they forget less of what pretraining taught), and
+71-94% of full SFT's accuracy; they forget less of what pretraining taught), and
 `--base_precision int8` holds that frozen part in 8 bits.
 
 Evaluation is the talk's comparison: the base model tricked into answering by a few-shot page against the
