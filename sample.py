@@ -322,28 +322,22 @@ def prepare_question(question, config, retriever=None):
     return question
 
 
-def retrieved_passages(world, tasks, k=2):
-    """task prompt -> the k passages TF-IDF retrieval finds for each retrieval question."""
-    if not any(task.family == "retrieval" for task in tasks):
-        return {}
-    retriever = Retriever.build(world.retrieval_documents(), TfidfEmbedder())
-    return {task.prompt: [chunk for _, chunk in retriever.search(task.prompt, k)]
-            for task in tasks if task.family == "retrieval"}
-
-
 def asked_with_technique(world, tasks):
     """The tiny world's held-out prompts are stored bare, so that a stage can measure the model with and
     without each technique. This gives, for the three technique families, task prompt -> the prompt as
-    the assistant is asked it: "Let's think step by step." in front of a long sum, the two passages TF-IDF
-    finds before a retrieval question, a product as it is (the calculator is a sampling option, not part
-    of the prompt). The reward and RL splits store theirs asked this way already (half their long sums
-    with the prefix, every retrieval question with passages). The oracle grades an answer against the
-    prompt as asked: after "Let's think step by step." only a worked answer is ideal."""
-    from data.tinyworld import COT_PREFIX, context_prompt
-    passages = retrieved_passages(world, tasks)
-    asked = {"cot": lambda task: COT_PREFIX + task.prompt, "calculator": lambda task: task.prompt,
-             "retrieval": lambda task: context_prompt(passages[task.prompt], task.prompt)}
-    return {task.prompt: asked[task.family](task) for task in tasks if task.family in asked}
+    the assistant is asked it, prepared as for a user (prepare_question): "Let's think step by step." in
+    front of a long sum, the passages TF-IDF finds before a retrieval question, a product as it is (the
+    calculator is a sampling option, not part of the prompt). The reward and RL splits store theirs asked
+    this way already (half their long sums with the prefix, every retrieval question with passages). The
+    oracle grades an answer against the prompt as asked: after "Let's think step by step." only a worked
+    answer is ideal."""
+    retriever = None
+    if any(task.family == "retrieval" for task in tasks):
+        retriever = Retriever.build(world.retrieval_documents(), TfidfEmbedder())
+    plain, cot = Config(), Config(cot=True)
+    asked = {"cot": lambda question: prepare_question(question, cot), "calculator": lambda question: question,
+             "retrieval": lambda question: prepare_question(question, plain, retriever)}
+    return {task.prompt: asked[task.family](task.prompt) for task in tasks if task.family in asked}
 
 
 def tasks_as_asked(world, tasks):
