@@ -37,9 +37,10 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from model import (Progress, UsageError, autocast, by_length, chat_responses, check_same_tokenizer,
+from model import (Progress, UsageError, autocast, by_length, check_same_tokenizer,
                    choose_device, load_checkpoint, load_model, plot_curves, render_chat, response_text, run_cli,
                    save_checkpoint, set_seed, write_json)
+from sample import Sampling, chat_answers, generate_answers, tasks_as_asked
 
 # -----------------------------------------------------------------------------------------------
 # Configuration
@@ -117,12 +118,13 @@ DEFAULT_ITERS = {"reinforce": 200, "ppo": 40, "dpo": 100}
 class Rollout:
     """B = prompts x K sequences, the K samples of a prompt next to each other.
     idx[b] is prompt + completion, right-padded; mask[b, t] = 1 where target idx[b, t + 1] is a token
-    the policy chose (its completion), so mask lines up with the log-probabilities of token_logprobs."""
+    the policy chose (its completion, less what the calculator wrote), so mask lines up with the
+    log-probabilities of token_logprobs."""
     prompts: list        # the prompt text of each row
     responses: list      # the completion text (without its <|end|>)
-    tokens: list         # the completion tokens (with <|end|> if it stopped)
+    tokens: list         # the completion tokens (with <|end|> if it stopped), the calculator's included
     stopped: list        # ended on <|end|> (False: cut off at max_new_tokens or the context)
-    sampled_logprobs: list  # the sampler's log-probability of each completion token
+    sampled_logprobs: list  # the sampler's log-probability of each completion token the policy chose
     sequences: list      # prompt + completion token ids of each row
     idx: torch.Tensor    # [B, T] long
     mask: torch.Tensor   # [B, T - 1] float
@@ -149,26 +151,35 @@ def pad_sequences(sequences, action_masks, device):
 
 
 @torch.no_grad()
-def sample_rollout(policy, tokenizer, prompts, samples_per_prompt, max_new_tokens, seed, micro_batch=16):
+def sample_rollout(policy, tokenizer, prompts, samples_per_prompt, max_new_tokens, seed, micro_batch=16, tool=True):
     """Plain temperature-1 sampling (no top-k, no top-p), so each sampled token's probability is exactly
     the policy's own: the KL estimate and the policy gradient below both rely on that. Generated in
-    groups of prompts of similar length (one rambling sample holds up only its own group)."""
+    groups of prompts of similar length (one rambling sample holds up only its own group).
+
+    The calculator runs, as it does when the assistant is used (sample.py): when a sample asks it
+    (<|calc|> 23 * 45 <|result|>) the tool writes the result and the policy goes on. Those tokens are in
+    the sequence, for the policy to read, but it did not choose them: the action mask leaves them out
+    of the policy gradient and of the KL, as render_chat's train mask leaves them out of SFT."""
     end = tokenizer.special_tokens["<|end|>"]
     rendered = [prompt_ids(tokenizer, p, policy.config.block_size, max_new_tokens) for p in prompts]
     repeated = [ids for ids in rendered for _ in range(samples_per_prompt)]
     generations = [None] * len(repeated)
     for number, group in enumerate(by_length(repeated, micro_batch)):
-        results = policy.generate([repeated[i] for i in group], max_new_tokens, temperature=1.0,
-                                  stop_tokens=(end,), seed=seed * 1000 + number)
-        for i, generation in zip(group, results):
+        sampling = Sampling(max_new_tokens=max_new_tokens, temperature=1.0, seed=seed * 1000 + number, tool=tool)
+        details = []
+        generate_answers(policy, tokenizer, [repeated[i] for i in group], sampling, (end,), details=details)
+        for i, generation in zip(group, details):
             generations[i] = generation
     tokens = [g.tokens for g in generations]
     responses = [response_text(tokenizer, t[:-1] if g.stopped else t) for t, g in zip(tokens, generations)]
     sequences = [p + t for p, t in zip(repeated, tokens)]
-    action_masks = [[0] * len(p) + [1] * len(t) for p, t in zip(repeated, tokens)]
+    action_masks = [[0] * len(p) + [int(logprob is not None) for logprob in g.logprobs]
+                    for p, g in zip(repeated, generations)]
     idx, mask = pad_sequences(sequences, action_masks, next(policy.parameters()).device)
     return Rollout([p for p in prompts for _ in range(samples_per_prompt)], responses, tokens,
-                   [g.stopped for g in generations], [g.logprobs for g in generations], sequences, idx, mask)
+                   [g.stopped for g in generations],
+                   [[logprob for logprob in g.logprobs if logprob is not None] for g in generations],
+                   sequences, idx, mask)
 
 
 def token_logprobs(model, idx):
@@ -391,12 +402,13 @@ def oracle_scores(world, prompts, responses):
 
 
 def evaluate_heldout(model, tokenizer, world, tasks, max_new_tokens, seed):
-    """The oracle's grades of the held-out tasks: greedy, and one sample at temperature 1."""
+    """The oracle's grades of the held-out tasks: greedy, and one sample at temperature 1, with the
+    calculator running as it does in use."""
     metrics = {}
     for name, temperature in (("greedy", 0.0), ("temp1", 1.0)):
         def respond(prompts):
-            return chat_responses(model, tokenizer, prompts, temperature=temperature,
-                                  max_new_tokens=max_new_tokens, seed=seed)
+            sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, tool=True)
+            return chat_answers(model, tokenizer, prompts, sampling)
         graded, _ = world.evaluate(respond, tasks)
         metrics.update({f"{name}/{key}": value for key, value in graded.items()})
     return metrics
@@ -646,7 +658,6 @@ def main(config: Config) -> dict:
             return pad_batch(batch_of(examples, step, config.sft_batch_size, config.seed))
     # The held-out prompts, asked as the RL split asks its own and as the assistant is used (retrieval
     # questions after their passages, long sums after "Let's think step by step."): the eval split stores them bare.
-    from sample import tasks_as_asked
     tasks = world.tasks("eval")
     tasks = tasks_as_asked(world, tasks[:config.eval_tasks] if config.eval_tasks > 0 else tasks)
     report_prompts = [task.prompt for task in tasks[:config.diversity_prompts]]

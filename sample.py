@@ -42,8 +42,8 @@ import numpy as np
 import torch
 
 from bpe import MESSAGE_PREFIX, UsageError, render_chat, response_text
-from model import (answer_stops, atomic_path, autocast, chat_responses, check_same_tokenizer, choose_device,
-                   load_checkpoint, load_model, one_thread_on_cpu, prompt_room, run_cli, write_json)
+from model import (Generation, answer_stops, atomic_path, autocast, chat_responses, check_same_tokenizer,
+                   choose_device, load_checkpoint, load_model, one_thread_on_cpu, prompt_room, run_cli, write_json)
 
 CHAT_STAGES = ("sft", "rlhf")
 GENERATING_STAGES = ("pretrain", "sft", "rlhf")   # the reward model scores; it does not write
@@ -195,16 +195,20 @@ def sampling_from(config, block_size, temperature=None):
                     json_fields=(schema_fields(config.schema) if config.schema else []) if config.json else None)
 
 
-def generate_answers(model, tokenizer, prompts, sampling, stop_tokens, on_token=None, stats=None):
+def generate_answers(model, tokenizer, prompts, sampling, stop_tokens, on_token=None, stats=None, details=None):
     """prompts: token ids ending where the answer starts. Returns each answer's token ids, without the
     stop token that ended it. on_token(index, token_id) streams every token as it comes, including the
-    tool's results. stats (a dict), if given, gathers tool calls and the JSON mask's time."""
+    tool's results. stats (a dict), if given, gathers tool calls and the JSON mask's time. details (a
+    list), if given, receives one Generation per answer, as RL needs them: its tokens with the stop
+    token that ended it, whether one did, and the model's log-probability of each token it chose
+    (None for the tokens the calculator wrote: the model did not choose them)."""
     specials = tokenizer.special_tokens
     calc_result, result_end = specials.get("<|result|>"), specials.get("<|/result|>")
     use_tool = sampling.tool and sampling.json_fields is None and calc_result is not None
     stops = tuple(stop_tokens) + ((calc_result,) if use_tool else ())
     block_size = model.config.block_size
     answers = [[] for _ in prompts]
+    logprobs, ended = [[] for _ in prompts], [None] * len(prompts)   # (for details) the stop token
     calls = [0] * len(prompts)
     active = [i for i in range(len(prompts)) if len(prompts[i]) < block_size]
     round_number = 0
@@ -230,9 +234,12 @@ def generate_answers(model, tokenizer, prompts, sampling, stop_tokens, on_token=
             room = sampling.max_new_tokens - len(answers[i])
             if len(tokens) > room:  # a shared budget can overshoot this answer's own
                 answers[i] += tokens[:room]
+                logprobs[i] += generation.logprobs[:room]
                 continue
+            logprobs[i] += generation.logprobs
             if generation.stopped and tokens and tokens[-1] in stop_tokens:
                 answers[i] += tokens[:-1]
+                ended[i] = tokens[-1]
                 continue
             answers[i] += tokens
             if not (use_tool and generation.stopped and tokens and tokens[-1] == calc_result):
@@ -245,6 +252,7 @@ def generate_answers(model, tokenizer, prompts, sampling, stop_tokens, on_token=
             result = calculator_result(expression) if calls[i] <= MAX_TOOL_CALLS else "error: too many calculator calls"
             inserted = tokenizer.encode(result) + [result_end]
             answers[i] += inserted
+            logprobs[i] += [None] * len(inserted)
             if on_token is not None:
                 for token in inserted:
                     on_token(i, token)
@@ -252,6 +260,9 @@ def generate_answers(model, tokenizer, prompts, sampling, stop_tokens, on_token=
                 still_active.append(i)
         active = still_active
         round_number += 1
+    if details is not None:
+        details += [Generation(answer + ([stop] if stop is not None else []), chosen, stop is not None)
+                    for answer, chosen, stop in zip(answers, logprobs, ended)]
     return answers
 
 

@@ -46,3 +46,29 @@ def make_checkpoint(tiny_tokenizer):
         return str(path)
 
     return make
+
+
+CALCULATOR_QUESTION = "What is 12 * 7?"
+
+
+@pytest.fixture
+def calculator_user(tmp_path, make_checkpoint):
+    """(model, tokenizer): a tiny GPT that memorised one answer asking the calculator (60 steps of SFT on
+    "<|calc|>12 * 7<|result|>84<|/result|> It is 84." after CALCULATOR_QUESTION), so that sampling from it
+    calls the tool with the real forward pass (a scripted model would fake its log-probabilities)."""
+    import torch
+    from bpe import render_chat
+    from model import IGNORE_INDEX, load_model
+    model, tokenizer, _ = load_model(make_checkpoint(tmp_path / "calculator_user.pt", "sft"))
+    ids, train_mask = render_chat(tokenizer, [{"role": "user", "content": CALCULATOR_QUESTION},
+                                              {"role": "assistant", "content": "<|calc|>12 * 7<|result|>84<|/result|> It is 84."}])
+    inputs = torch.tensor([ids[:-1]])
+    targets = torch.tensor([[token if trained else IGNORE_INDEX for token, trained in zip(ids[1:], train_mask[1:])]])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        _, loss = model(inputs, targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    return model, tokenizer

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from bpe import UsageError
+from conftest import CALCULATOR_QUESTION
 from model import load_checkpoint, load_model, parse_config
 from reward import (Comparison, Config, batch_loss, centre_rewards, clear_pair_accuracy, main, pad_batch, pairwise_loss,
                     rank_by_scores, read_preferences, reward_input_ids, reward_model_from_sft, reward_scores,
@@ -150,6 +151,23 @@ def test_sampled_comparisons_round_trip(tmp_path, make_checkpoint, world):
     read, skipped = read_preferences(str(path))
     assert skipped == 0 and read == comparisons
     assert [json.loads(line)["prompt"] for line in path.read_text().splitlines()] == prompts
+
+
+def test_the_labelers_see_answers_with_the_calculators_result(calculator_user, world):
+    """The SFT model is sampled as it is used, with its tool: an answer that asks the calculator holds
+    the tool's result (not the model's guess at it), and the oracle grades that whole answer."""
+    model, tokenizer = calculator_user
+    comparisons = sample_comparisons(model, tokenizer, world, [CALCULATOR_QUESTION], samples_per_prompt=4,
+                                     temperature=1.0, max_new_tokens=24, seed=0)
+    completions = comparisons[0].completions
+    called = [c for c in completions if "<|calc|>" in c]
+    assert called and all("<|result|>84<|/result|>" in c for c in called)
+    assert comparisons[0].scores == [world.score(CALCULATOR_QUESTION, c)[0] for c in completions]
+    # what the reward model reads: the same tokens, with the tool's output out of the response's train mask
+    ids, mask = reward_input_ids(tokenizer, CALCULATOR_QUESTION, called[0], block_size=128)
+    start, end = ids.index(tokenizer.special_tokens["<|result|>"]) + 1, ids.index(tokenizer.special_tokens["<|/result|>"])
+    assert tokenizer.decode(ids[start:end]) == "84"
+    assert mask[start - 1] == 1 and mask[start:end + 1] == [0] * (end + 1 - start)
 
 
 def test_preference_files_in_both_shapes(tmp_path):

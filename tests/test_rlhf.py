@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import rlhf
+from conftest import CALCULATOR_QUESTION
 from model import UsageError, load_model
 
 PROMPTS = ["What is the capital of Peru?", "What is 2 + 3?", "How many legs does a cat have?",
@@ -58,6 +59,35 @@ def test_sampled_logprobs_equal_a_fresh_forward_pass(policy_and_tokenizer):
     # the mask picks exactly the completion tokens, as targets
     for row, tokens in enumerate(rollout.tokens):
         assert rollout.idx[row, 1:][rollout.mask[row] > 0].tolist() == tokens
+
+
+def test_the_calculator_runs_in_rollouts_and_its_tokens_are_not_the_policys(calculator_user):
+    """A policy that learned to ask the calculator (conftest's calculator_user) gets the tool's result in its rollouts, as in use; those tokens are in the sequence but out of the action mask,
+    and the log-probabilities of the tokens it did choose still match a fresh forward pass."""
+    policy, tokenizer = calculator_user
+    specials = tokenizer.special_tokens
+    rollout = rlhf.sample_rollout(policy, tokenizer, [CALCULATOR_QUESTION], samples_per_prompt=4, max_new_tokens=24,
+                                  seed=0)
+    result, end_result = specials["<|result|>"], specials["<|/result|>"]
+    called = [row for row, tokens in enumerate(rollout.tokens) if result in tokens]
+    assert called, rollout.responses
+    with torch.no_grad():
+        logprobs = rlhf.token_logprobs(policy, rollout.idx)
+    for row in called:
+        tokens = rollout.tokens[row]
+        start, stop = tokens.index(result) + 1, tokens.index(end_result) + 1
+        # what 12 * 7 gives, written by the tool whatever digits the policy would have guessed
+        assert tokenizer.decode(tokens[start:stop - 1]) == "84"
+        assert "<|result|>84<|/result|>" in rollout.responses[row]
+        prompt_length = len(rollout.sequences[row]) - len(tokens)
+        chosen = rollout.mask[row, prompt_length - 1:prompt_length - 1 + len(tokens)].tolist()
+        assert chosen == [0.0 if start <= t < stop else 1.0 for t in range(len(tokens))]
+    for row, sampled in enumerate(rollout.sampled_logprobs):
+        recomputed = logprobs[row][rollout.mask[row] > 0]
+        torch.testing.assert_close(recomputed, torch.tensor(sampled), atol=1e-5, rtol=0)
+    # without the tool, the policy writes the result itself and chooses every token of its answer
+    plain = rlhf.sample_rollout(policy, tokenizer, [CALCULATOR_QUESTION], 4, 24, seed=0, tool=False)
+    assert [int(m.sum()) for m in plain.mask] == [len(tokens) for tokens in plain.tokens]
 
 
 def test_kl_is_zero_when_policy_equals_reference(policy_and_tokenizer):
