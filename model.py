@@ -574,6 +574,30 @@ def choose_device(name="auto"):
     return "cpu"
 
 
+def native_bfloat16(device):
+    """Whether the device multiplies bfloat16 matrices in hardware: a CUDA GPU, or a CPU with AVX-512 BF16
+    or AMX (torch's own checks, which are private: any failure reads as no)."""
+    device_type = str(device).split(":")[0]
+    if device_type == "cuda":
+        return True
+    if device_type != "cpu":
+        return False
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except Exception:
+        return False
+
+
+def training_dtype(device, dtype="auto"):
+    """The training scripts' --dtype: "auto" runs the matrix products in bfloat16 where the hardware does
+    them natively (native_bfloat16) and in float32 elsewhere, where bf16 would be emulated and slower.
+    Measured on the 2-core AMD EPYC (AVX-512 BF16) this was built on: pretraining's step 1.67x faster,
+    SFT's 1.3x, the loss per step the same (README, "Speed")."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if native_bfloat16(device) else "float32"
+
+
 def autocast(device, dtype="auto"):
     """Mixed precision: matrix products in bfloat16 while weights and optimizer state stay fp32.
     "auto" turns it on on CUDA and off elsewhere. "bfloat16" turns it on on a CPU too, which pays

@@ -33,6 +33,7 @@ Read it top to bottom: configuration, data (conversations -> ids + loss mask -> 
 mix), LoRA and int8, the training loop, evaluation, saving.
 """
 
+import dataclasses
 import math
 import os
 import random
@@ -46,7 +47,8 @@ from torch.nn import functional as F
 
 from bpe import MESSAGE_PREFIX, UsageError, render_chat
 from model import (IGNORE_INDEX, Progress, atomic_path, autocast, chat_responses, choose_device, load_checkpoint,
-                   load_model, prompt_room, read_jsonl, run_cli, save_checkpoint, set_seed, write_json)
+                   load_model, prompt_room, read_jsonl, run_cli, save_checkpoint, set_seed, training_dtype,
+                   write_json)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -88,6 +90,10 @@ class Config:
     lora_alpha: float = field(default=32.0, metadata={"help": "LoRA scale: the adapters' update is multiplied by alpha/rank"})
     base_precision: str = field(default="fp32", metadata={"help": "precision of the frozen base under LoRA",
                                                            "choices": ["fp32", "int8"]})
+    dtype: str = field(default="auto", metadata={"help": "precision of the matrix products (weights stay float32): "
+                                                         "auto = bfloat16 where the hardware has it (CUDA, a CPU with "
+                                                         "AVX-512 BF16 or AMX: 1.3x faster here), else float32",
+                                                 "choices": ["auto", "float32", "bfloat16"]})
     eval_interval: int = field(default=50, metadata={"help": "steps between validation-loss measurements"})
     eval_limit: int = field(default=0, metadata={"help": "evaluate on at most this many held-out prompts of each "
                                                           "task family (0 = all)"})
@@ -213,10 +219,13 @@ def pad_batch(examples, pad_id=0):
 
 
 class BatchSchedule:
-    """Which conversations make up step s's batch. Each epoch shuffles, then sorts groups of 32 batches'
+    """Which conversations make up step s's batch. Each epoch shuffles, then sorts groups of 4 batches'
     worth by length, so that conversations of similar length share a batch and padding stays small,
     while the batch order is still random. A pure function of (seed, step): a resumed run sees exactly
-    the batches an uninterrupted one would."""
+    the batches an uninterrupted one would. (Measured on the tiny world's SFT data, padded tokens per
+    real token: 2.25 unsorted, 1.35 sorting 4 batches' worth, 1.08 sorting 16; but 16 made SFT no
+    faster, and batches of one kind of conversation each cost facts and sums: 88% and 16% against 90%
+    and 34%, one run each.)"""
 
     group_batches = 4
 
@@ -585,11 +594,11 @@ def technique_metrics(world, tasks, answers):
 
 
 @torch.no_grad()
-def validation_loss(model, batches, device):
+def validation_loss(model, batches, device, dtype="auto"):
     model.eval()
     losses = []
     for x, y in batches:
-        with autocast(device):
+        with autocast(device, dtype):
             _, loss = model(x.to(device), y.to(device))
         losses.append(loss.item())
     model.train()
@@ -680,20 +689,20 @@ def train(model, optimizer, config, batches, mix_stream, validation, device, ste
             elapsed = time.time() - started
             done = max(step / config.max_iters, elapsed / max_seconds if max_seconds else 0.0)
             if validation and (step % config.eval_interval == 0 or done >= 1.0):
-                history["val"].append((step, validation_loss(model, validation, device)))
+                history["val"].append((step, validation_loss(model, validation, device, config.dtype)))
             if done >= 1.0:
                 break
             learning_rate = learning_rate_at(max(done, (step + 1) / config.max_iters), warmup_fraction, peak)
             for group in optimizer.param_groups:   # (the progress this step completes sets its rate)
                 group["lr"] = learning_rate
             x, y = pad_batch(batches(step))
-            with autocast(device):
+            with autocast(device, config.dtype):
                 _, sft_loss = model(x.to(device), y.to(device))
             loss, tokens = sft_loss, x.numel()
             if mix_stream is not None:
                 mix_x, mix_y = pretraining_batch(mix_stream, config.pretrain_mix, config.pretrain_mix_length,
                                                  config.seed, step)
-                with autocast(device):
+                with autocast(device, config.dtype):
                     _, pretrain_loss = model(mix_x.to(device), mix_y.to(device))
                 loss = sft_loss + config.pretrain_mix_coef * pretrain_loss   # InstructGPT's PPO-ptx, in SFT
                 history["pretrain"].append((step + 1, pretrain_loss.item()))
@@ -729,6 +738,7 @@ def main(config: Config) -> dict:
     check_config(config)
     set_seed(config.seed)
     device = choose_device(config.device)
+    config = dataclasses.replace(config, dtype=training_dtype(device, config.dtype))   # what "auto" is here
     init_from = config.init_from or os.path.join(config.out_dir, "pretrain.pt")
     sft_path = os.path.join(config.out_dir, "sft.pt")
     model, tokenizer, base_checkpoint = load_model(init_from, stages="pretrain", device=device)

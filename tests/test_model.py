@@ -530,6 +530,22 @@ def test_autocast_chooses_the_precision_of_matrix_products():
             assert (x @ w).dtype == expected, (device, dtype)
 
 
+def test_training_dtype_is_bfloat16_only_where_the_hardware_has_it(monkeypatch):
+    from model import native_bfloat16, training_dtype
+    assert training_dtype("cpu", "float32") == "float32" and training_dtype("cpu", "bfloat16") == "bfloat16"
+    assert training_dtype("cuda:0") == "bfloat16" and training_dtype("mps") == "float32"
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert training_dtype("cpu") == "bfloat16"
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert training_dtype("cpu") == "float32"
+
+    def gone():   # the checks are private to torch: one that a torch version lacks reads as no
+        raise AttributeError("no such check")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", gone)
+    assert not native_bfloat16("cpu") and training_dtype("cpu") == "float32"
+
+
 
 def test_chat_responses_keeps_the_question_when_the_answer_may_fill_the_context(tmp_path, make_checkpoint, monkeypatch):
     from bpe import render_chat
