@@ -315,9 +315,12 @@ def gae_advantages(rewards, values, mask, gamma=1.0, lam=0.95):
         delta = rewards[:, t] + gamma * next_value - values[:, t]
         advantage = (delta + gamma * lam * next_advantage) * mask[:, t]
         advantages[:, t] = advantage
-        # outside a completion (padding after it) the chain restarts from zero
-        next_value = values[:, t] * mask[:, t]
-        next_advantage = advantage
+        # A token the policy did not choose is not a step: the chain passes over it. So the padding after
+        # a completion keeps the zeros it started from, and the call before a calculator result still
+        # gets the score of the answer the result leads to.
+        chosen = mask[:, t] > 0
+        next_value = torch.where(chosen, values[:, t], next_value)
+        next_advantage = torch.where(chosen, advantage, next_advantage)
     return advantages, (advantages + values) * mask
 
 

@@ -143,6 +143,12 @@ def test_gae_hand_computed():
     advantages, _ = rlhf.gae_advantages(rewards, values, mask, gamma=1.0, lam=0.5)
     # deltas 0, 0, 0.5 -> A = 0.125, 0.25, 0.5
     torch.testing.assert_close(advantages, torch.tensor([[0.0, 0.125, 0.25, 0.5, 0.0]]))
+    # tokens the calculator wrote (mask 0 inside the completion) are passed over: the same advantages for
+    # the policy's tokens as without them, so the call before the result is credited with the final score
+    gap = torch.tensor([[0.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0]])
+    advantages, _ = rlhf.gae_advantages(torch.tensor([[0.0, 0.0, 5.0, 5.0, 0.0, 1.0, 0.0]]),
+                                        torch.tensor([[9.0, 0.5, 7.0, 7.0, 0.5, 0.5, 9.0]]), gap, lam=0.5)
+    torch.testing.assert_close(advantages, torch.tensor([[0.0, 0.125, 0.0, 0.0, 0.25, 0.5, 0.0]]))
     token_rewards = rlhf.per_token_rewards(torch.tensor([2.0]), torch.tensor([[0.0, 0.3, 0.2, 0.1, 0.0]]),
                                            torch.zeros(1, 5), mask, kl_coef=0.1)
     torch.testing.assert_close(token_rewards, torch.tensor([[0.0, -0.03, -0.02, 2.0 - 0.01, 0.0]]))
