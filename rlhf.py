@@ -92,7 +92,10 @@ class Config:
                 "its value; InstructGPT/TRL use 0.95 with a value model that already knows something)"})
     value_coef: float = field(default=0.1, metadata={"help": "ppo: weight of the value head's loss"})
     # dpo
-    dpo_beta: float = field(default=0.1, metadata={"help": "dpo: beta, the strength of the implicit KL leash"})
+    dpo_beta: float = field(default=1.0, metadata={"help": "dpo: beta, the strength of the implicit KL leash (the "
+                                                           "DPO paper and TRL use 0.1; measured here: 0.1 lost the "
+                                                           "chain of thought, -11% of the error on the twentieth "
+                                                           "run's models, 1.0 removed 7%)"})
     dpo_batch_size: int = field(default=32, metadata={"help": "dpo: preference pairs per step"})
     dpo_nll: float = field(default=0.0, metadata={"help": "dpo: weight of the chosen responses' language-"
                                                           "modelling loss added to DPO's (0 = plain DPO)"})
