@@ -412,10 +412,8 @@ def evaluate_heldout(model, tokenizer, world, tasks, max_new_tokens, seed):
     calculator running as it does in use."""
     metrics = {}
     for name, temperature in (("greedy", 0.0), ("temp1", 1.0)):
-        def respond(prompts):
-            sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, tool=True)
-            return chat_answers(model, tokenizer, prompts, sampling)
-        graded, _ = world.evaluate(respond, tasks)
+        sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, tool=True)
+        graded, _ = world.evaluate(lambda prompts: chat_answers(model, tokenizer, prompts, sampling), tasks)
         metrics.update({f"{name}/{key}": value for key, value in graded.items()})
     return metrics
 

@@ -62,8 +62,9 @@ def test_sampled_logprobs_equal_a_fresh_forward_pass(policy_and_tokenizer):
 
 
 def test_the_calculator_runs_in_rollouts_and_its_tokens_are_not_the_policys(calculator_user):
-    """A policy that learned to ask the calculator (conftest's calculator_user) gets the tool's result in its rollouts, as in use; those tokens are in the sequence but out of the action mask,
-    and the log-probabilities of the tokens it did choose still match a fresh forward pass."""
+    """A policy that learned to ask the calculator (conftest's calculator_user) gets the tool's result in
+    its rollouts, as in use; those tokens are in the sequence but out of the action mask, and the
+    log-probabilities of the tokens it did choose still match a fresh forward pass."""
     policy, tokenizer = calculator_user
     specials = tokenizer.special_tokens
     rollout = rlhf.sample_rollout(policy, tokenizer, [CALCULATOR_QUESTION], samples_per_prompt=4, max_new_tokens=24,
