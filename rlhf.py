@@ -14,6 +14,7 @@ cannot judge: here, the one-digit sums of chain of thought.
     python rlhf.py                     # REINFORCE with a leave-one-out baseline -> out/rlhf.pt
     python rlhf.py --algo ppo          # InstructGPT's recipe: PPO with a value head
     python rlhf.py --algo dpo          # Direct Preference Optimization from out/comparisons.jsonl
+    python rlhf.py --reward oracle     # the labelers score the samples themselves: what the reward model costs
 
 Reads out/sft.pt (the policy's start, and a frozen copy as the reference) and out/reward.pt (frozen).
 Here the labelers are the tiny world's oracle (World.score): every step logs the reward model's mean
@@ -55,6 +56,10 @@ class Config:
     init_from: str = field(default="", metadata={"help": "the SFT checkpoint: policy start and reference "
                                                          "(default: <out_dir>/sft.pt)"})
     reward_model: str = field(default="", metadata={"help": "the frozen reward model (default: <out_dir>/reward.pt)"})
+    reward: str = field(default="model", metadata={
+        "help": "reinforce/ppo: what scores the samples: model (the reward model, RLHF) or oracle (the labelers "
+                "themselves, the tiny world's grader: a verifiable reward, and the measure of what the reward "
+                "model's mistakes cost)", "choices": ["model", "oracle"]})
     data: str = field(default="", metadata={"help": "dpo: preference JSONL (default: <out_dir>/comparisons.jsonl)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N or mps"})
     seed: int = field(default=1337, metadata={"help": "seed of prompt order, sampling and evaluation"})
@@ -101,6 +106,9 @@ class Config:
                                                           "modelling loss added to DPO's (0 = plain DPO)"})
     # evaluation
     eval_tasks: int = field(default=0, metadata={"help": "evaluate on the first N held-out tasks (0: all)"})
+    eval_samples: int = field(default=4, metadata={
+        "help": "samples per held-out task at temperature 1: one sample each leaves the mean score of 308 "
+                "tasks uncertain by about 0.02, as large as the change RL makes; 4 halve that"})
     diversity_prompts: int = field(default=48, metadata={
         "help": "held-out prompts sampled K times before and after, for reward, KL and diversity"})
     resume: bool = field(default=False, metadata={"help": "continue from <out_dir>/rlhf.pt (after Ctrl-C, "
@@ -407,14 +415,26 @@ def oracle_scores(world, prompts, responses):
     return [world.score(prompt, response)[0] for prompt, response in zip(prompts, responses)]
 
 
-def evaluate_heldout(model, tokenizer, world, tasks, max_new_tokens, seed):
-    """The oracle's grades of the held-out tasks: greedy, and one sample at temperature 1, with the
-    calculator running as it does in use."""
+def evaluate_heldout(model, tokenizer, world, tasks, max_new_tokens, seed, samples=1):
+    """The oracle's grades of the held-out tasks, with the calculator running as it does in use: greedy
+    (one answer per task), and `samples` answers per task at temperature 1, whose mean is the figure RL
+    is judged by. With samples >= 2 also its sampling error ("temp1/score_error/all"): the standard
+    deviation of that mean over fresh draws of the answers, the tasks staying the same, from the spread of
+    each task's own answers. A change between two models smaller than about twice that is not measured."""
     metrics = {}
-    for name, temperature in (("greedy", 0.0), ("temp1", 1.0)):
+    for name, temperature, copies in (("greedy", 0.0, 1), ("temp1", 1.0, samples)):
         sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, tool=True)
-        graded, _ = world.evaluate(lambda prompts: chat_answers(model, tokenizer, prompts, sampling), tasks)
+        asked = [task for task in tasks for _ in range(copies)]
+        graded, responses = world.evaluate(lambda prompts: chat_answers(model, tokenizer, prompts, sampling), asked)
         metrics.update({f"{name}/{key}": value for key, value in graded.items()})
+    if samples >= 2:
+        scores = [world.score(task.prompt, response)[0] for task, response in zip(asked, responses)]
+        variance_of_mean = 0.0   # of the mean over all tasks: each task's own sample variance / samples
+        for start in range(0, len(scores), samples):
+            own = scores[start:start + samples]
+            centre = sum(own) / samples
+            variance_of_mean += sum((x - centre) ** 2 for x in own) / (samples - 1) / samples
+        metrics["temp1/score_error/all"] = math.sqrt(variance_of_mean) / len(tasks)
     return metrics
 
 
@@ -627,8 +647,13 @@ def main(config: Config) -> dict:
     policy = copy.deepcopy(reference)
     for parameter in policy.parameters():
         parameter.requires_grad_(True)
+    from data.tinyworld import World
+    world = World()
     reward_model, reward_fn = None, None
-    if config.algo != "dpo" or os.path.isfile(reward_path):   # dpo uses it only to report rewards
+    if config.reward == "oracle":
+        def reward_fn(prompts, responses):
+            return torch.tensor(oracle_scores(world, prompts, responses))
+    elif config.algo != "dpo" or os.path.isfile(reward_path):   # dpo uses it only to report rewards
         reward_model, reward_tokenizer, _ = load_model(reward_path, stages="reward", device=device)
         check_same_tokenizer(sft_path, tokenizer, reward_path, reward_tokenizer)
         freeze(reward_model)
@@ -638,8 +663,6 @@ def main(config: Config) -> dict:
             return reward_scores(reward_model, tokenizer, prompts, responses, batch_size=config.micro_batch)
 
     # --- data: the world's RL prompts (or the comparisons, for dpo), its held-out tasks
-    from data.tinyworld import World
-    world = World()
     prompts = [task.prompt for task in world.tasks("rl")]
     pairs = None
     if config.algo == "dpo":
@@ -677,6 +700,8 @@ def main(config: Config) -> dict:
             raise UsageError(f"{rlhf_path} holds no training state to resume")
         if state["algo"] != config.algo:
             raise UsageError(f"{rlhf_path} was trained with --algo {state['algo']}; resume with that")
+        if state.get("reward", "model") != config.reward:
+            raise UsageError(f"{rlhf_path} was trained with --reward {state.get('reward', 'model')}; resume with that")
         policy.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(state["optimizer"])
         if value_head is not None:
@@ -688,7 +713,8 @@ def main(config: Config) -> dict:
     # --- before: the SFT model on the held-out tasks
     if before is None:
         print(f"evaluating the SFT model on {len(tasks)} held-out tasks ...")
-        before = evaluate_heldout(reference, tokenizer, world, tasks, config.max_new_tokens, config.seed)
+        before = evaluate_heldout(reference, tokenizer, world, tasks, config.max_new_tokens, config.seed,
+                                  config.eval_samples)
         before.update(sample_report(reference, reference, tokenizer, reward_fn, world, report_prompts, config,
                                     config.seed))
 
@@ -720,15 +746,20 @@ def main(config: Config) -> dict:
     train_seconds = time.time() - train_start
 
     # --- after: the same evaluation
-    metrics = {"algo": config.algo, "steps": completed, "kl_coef": config.kl_coef}
+    metrics = {"algo": config.algo, "reward": config.reward, "steps": completed, "kl_coef": config.kl_coef}
     metrics.update({f"sft/{key}": value for key, value in before.items()})
     if not interrupted:
-        after = evaluate_heldout(policy, tokenizer, world, tasks, config.max_new_tokens, config.seed)
+        after = evaluate_heldout(policy, tokenizer, world, tasks, config.max_new_tokens, config.seed,
+                                 config.eval_samples)
         after.update(sample_report(policy, reference, tokenizer, reward_fn, world, report_prompts, config, config.seed))
         metrics.update({f"rlhf/{key}": value for key, value in after.items()})
         for mode in ("greedy", "temp1"):
             old, new = before[f"{mode}/score/all"], after[f"{mode}/score/all"]
             metrics[f"error_removed/{mode}"] = (new - old) / (1.0 - old) if old < 1.0 else 0.0
+        if "temp1/score_error/all" in before and before["temp1/score/all"] < 1.0:
+            # the two means come from independent samples, so their errors add in quadrature
+            error = math.hypot(before["temp1/score_error/all"], after["temp1/score_error/all"])
+            metrics["error_removed/temp1_error"] = error / (1.0 - before["temp1/score/all"])
     last = max(1, min(10, len(history.get("tokens", [])) // 4))
     metrics.update({f"train/{key}": sum(values[-last:]) / len(values[-last:])
                     for key, values in history.items() if key not in ("tokens", "kl_warning") and values})
@@ -737,7 +768,7 @@ def main(config: Config) -> dict:
     metrics.update({"seconds/train": round(train_seconds, 1), "seconds": round(time.time() - start, 1)})
 
     # --- save (with the training state, so --resume can continue or extend the run)
-    state = {"algo": config.algo, "step": completed, "optimizer": optimizer.state_dict(), "history": history,
+    state = {"algo": config.algo, "reward": config.reward, "step": completed, "optimizer": optimizer.state_dict(), "history": history,
              "before": before, "reward_mean": normalizer.mean, "reward_std": normalizer.std,
              "value_head": value_head.state_dict() if value_head is not None else None}
     save_checkpoint(rlhf_path, stage="rlhf", model=policy, tokenizer=tokenizer,
@@ -752,10 +783,14 @@ def main(config: Config) -> dict:
 def check_config(config):
     if config.algo not in ("reinforce", "ppo", "dpo"):
         raise UsageError(f"--algo {config.algo}: expected reinforce, ppo or dpo")
+    if config.reward not in ("model", "oracle"):
+        raise UsageError(f"--reward {config.reward}: expected model or oracle")
+    if config.algo == "dpo" and config.reward == "oracle":
+        raise UsageError("--reward oracle scores samples, and dpo samples nothing: use it with reinforce or ppo")
     if config.algo == "reinforce" and config.samples_per_prompt < 2:
         raise UsageError("--samples_per_prompt must be at least 2: the leave-one-out baseline compares siblings")
     for name in ("prompts_per_step", "samples_per_prompt", "max_new_tokens", "dpo_batch_size",
-                 "ppo_epochs", "ppo_minibatches", "micro_batch", "sft_batch_size"):
+                 "ppo_epochs", "ppo_minibatches", "micro_batch", "sft_batch_size", "eval_samples"):
         if getattr(config, name) < 1:
             raise UsageError(f"--{name} must be at least 1")
     if config.max_iters < 0:
@@ -768,6 +803,7 @@ def check_config(config):
 
 def summary(metrics):
     keys = ["steps", "seconds", "sft/temp1/score/all", "rlhf/temp1/score/all", "error_removed/temp1",
+            "error_removed/temp1_error",
             "sft/greedy/score/all", "rlhf/greedy/score/all", "rlhf/kl", "sft/distinct", "rlhf/distinct",
             "sft/reward", "rlhf/reward", "sft/oracle", "rlhf/oracle"]
     return " | ".join(f"{k} {metrics[k]:.3f}" if isinstance(metrics[k], float) else f"{k} {metrics[k]}"

@@ -265,6 +265,26 @@ def test_dpo_raises_a_known_reward(policy_and_tokenizer):
     assert all(torch.equal(t, frozen[k]) for k, t in reference.state_dict().items())
 
 
+def test_heldout_temperature_1_score_averages_several_samples_per_task(policy_and_tokenizer, world):
+    """evaluate_heldout's temperature-1 score is the mean over `samples` answers per task, and its
+    sampling error comes from the spread of each task's own answers: both against a computation by hand."""
+    from sample import Sampling, chat_answers
+    policy, tokenizer = policy_and_tokenizer
+    tasks = world.tasks("eval")[:5]
+    metrics = rlhf.evaluate_heldout(policy, tokenizer, world, tasks, max_new_tokens=8, seed=3, samples=3)
+    sampling = Sampling(max_new_tokens=8, temperature=1.0, seed=3, tool=True)
+    prompts = [task.prompt for task in tasks for _ in range(3)]
+    scores = [world.score(prompt, answer)[0] for prompt, answer in
+              zip(prompts, chat_answers(policy, tokenizer, prompts, sampling))]
+    assert metrics["temp1/score/all"] == pytest.approx(sum(scores) / len(scores))
+    variance = 0.0   # of the mean: each task's three answers vary; the tasks do not
+    for i in range(len(tasks)):
+        own = scores[3 * i:3 * i + 3]
+        variance += sum((x - sum(own) / 3) ** 2 for x in own) / 2 / 3
+    assert metrics["temp1/score_error/all"] == pytest.approx(math.sqrt(variance) / len(tasks))
+    assert "greedy/score/all" in metrics
+
+
 # --- the whole stage ---------------------------------------------------------------------------------
 
 def test_stage_writes_its_outputs_and_ctrl_c_then_resume_equals_uninterrupted(tmp_path, make_checkpoint, monkeypatch):
@@ -313,6 +333,21 @@ def test_ppo_and_dpo_stages_run(tmp_path, make_checkpoint):
                                "scores": [1.0, 0.0, 1.0]}) + "\n")
     metrics = rlhf.main(tiny_config(tmp_path, algo="dpo", max_iters=1))
     assert metrics["train/loss"] == pytest.approx(math.log(2), abs=1e-5)
+
+
+def test_the_oracle_can_be_the_reward_and_needs_no_reward_model(tmp_path, make_checkpoint):
+    """--reward oracle: the tiny world's grader scores the samples (no reward.pt is read), so the reward
+    RL logs is the oracle's score of the same samples, step by step."""
+    make_checkpoint(tmp_path / "sft.pt", "sft")
+    metrics = rlhf.main(tiny_config(tmp_path, reward="oracle", max_iters=2))
+    assert metrics["reward"] == "oracle" and not os.path.exists(tmp_path / "reward.pt")
+    history = torch.load(tmp_path / "rlhf.pt", weights_only=True)["resume"]["history"]
+    assert history["reward"] == pytest.approx(history["oracle"])
+    with pytest.raises(UsageError, match="--reward oracle scores samples"):
+        rlhf.main(tiny_config(tmp_path, reward="oracle", algo="dpo"))
+    make_checkpoint(tmp_path / "reward.pt", "reward", seed=1)
+    with pytest.raises(UsageError, match="trained with --reward oracle"):
+        rlhf.main(tiny_config(tmp_path, max_iters=3, resume=True))
 
 
 # --- clear errors ----------------------------------------------------------------------------------
