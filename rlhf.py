@@ -107,8 +107,9 @@ class Config:
     # evaluation
     eval_tasks: int = field(default=0, metadata={"help": "evaluate on the first N held-out tasks (0: all)"})
     eval_samples: int = field(default=4, metadata={
-        "help": "samples per held-out task at temperature 1: one sample each leaves the mean score of 308 "
-                "tasks uncertain by about 0.02, as large as the change RL makes; 4 halve that"})
+        "help": "answers per held-out task at temperature 1: with one each, the mean score of 308 tasks "
+                "is uncertain by about 0.014, and the change between two models by 0.02, as large as what "
+                "RL changes; 4 halve that"})
     diversity_prompts: int = field(default=48, metadata={
         "help": "held-out prompts sampled K times before and after, for reward, KL and diversity"})
     resume: bool = field(default=False, metadata={"help": "continue from <out_dir>/rlhf.pt (after Ctrl-C, "
