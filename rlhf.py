@@ -428,7 +428,7 @@ def evaluate_heldout(model, tokenizer, world, tasks, max_new_tokens, seed, sampl
         asked = [task for task in tasks for _ in range(copies)]
         graded, responses = world.evaluate(lambda prompts: chat_answers(model, tokenizer, prompts, sampling), asked)
         metrics.update({f"{name}/{key}": value for key, value in graded.items()})
-    if samples >= 2:
+    if samples >= 2:   # asked and responses are the temperature-1 pass's, the loop's last
         scores = [world.score(task.prompt, response)[0] for task, response in zip(asked, responses)]
         variance_of_mean = 0.0   # of the mean over all tasks: each task's own sample variance / samples
         for start in range(0, len(scores), samples):
@@ -769,14 +769,14 @@ def main(config: Config) -> dict:
     metrics.update({"seconds/train": round(train_seconds, 1), "seconds": round(time.time() - start, 1)})
 
     # --- save (with the training state, so --resume can continue or extend the run)
-    state = {"algo": config.algo, "reward": config.reward, "step": completed, "optimizer": optimizer.state_dict(), "history": history,
-             "before": before, "reward_mean": normalizer.mean, "reward_std": normalizer.std,
+    state = {"algo": config.algo, "reward": config.reward, "step": completed, "optimizer": optimizer.state_dict(),
+             "history": history, "before": before, "reward_mean": normalizer.mean, "reward_std": normalizer.std,
              "value_head": value_head.state_dict() if value_head is not None else None}
     save_checkpoint(rlhf_path, stage="rlhf", model=policy, tokenizer=tokenizer,
                     parent={"path": sft_path, "stage": "sft"}, args=dataclasses.asdict(config),
                     metrics=metrics, extra={"resume": state})
     write_json(os.path.join(config.out_dir, "rlhf.json"), metrics)
-    save_plot(os.path.join(config.out_dir, "rlhf.png"), history, config.algo)
+    save_plot(os.path.join(config.out_dir, "rlhf.png"), history, config.algo, config.reward)
     print(summary(metrics))
     return metrics
 
@@ -811,7 +811,7 @@ def summary(metrics):
                       for k in keys if k in metrics)
 
 
-def save_plot(path, history, algo):
+def save_plot(path, history, algo, reward="model"):
     steps = list(range(1, len(history.get("tokens", [])) + 1))
     if not steps:
         return
@@ -822,7 +822,8 @@ def save_plot(path, history, algo):
                   ("pairs ranked right by the implicit reward", {"accuracy": curve("accuracy")}),
                   ("implicit reward margin (chosen - rejected)", {"margin": curve("margin")})]
     else:
-        scores = {"reward model (mean of samples)": curve("reward")}
+        label = "reward model (mean of samples)" if reward == "model" else "the oracle as reward (mean of samples)"
+        scores = {label: curve("reward")}
         if "oracle" in history:
             scores["oracle score (the labelers' view)"] = curve("oracle")
         panels = [("reward vs oracle: the gap is reward hacking", scores),
