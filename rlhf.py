@@ -429,12 +429,9 @@ def evaluate_heldout(model, tokenizer, world, tasks, max_new_tokens, seed, sampl
         graded, responses = world.evaluate(lambda prompts: chat_answers(model, tokenizer, prompts, sampling), asked)
         metrics.update({f"{name}/{key}": value for key, value in graded.items()})
     if samples >= 2:   # asked and responses are the temperature-1 pass's, the loop's last
-        scores = [world.score(task.prompt, response)[0] for task, response in zip(asked, responses)]
-        variance_of_mean = 0.0   # of the mean over all tasks: each task's own sample variance / samples
-        for start in range(0, len(scores), samples):
-            own = scores[start:start + samples]
-            centre = sum(own) / samples
-            variance_of_mean += sum((x - centre) ** 2 for x in own) / (samples - 1) / samples
+        scores = torch.tensor(oracle_scores(world, [task.prompt for task in asked], responses), dtype=torch.float64)
+        # the variance of the mean over all tasks: the sum of each task's own sample variance / samples
+        variance_of_mean = (scores.view(len(tasks), samples).var(dim=1) / samples).sum().item()
         metrics["temp1/score_error/all"] = math.sqrt(variance_of_mean) / len(tasks)
     return metrics
 
