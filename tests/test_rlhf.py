@@ -176,7 +176,8 @@ def test_dpo_nll_adds_the_chosen_responses_mean_token_loss(policy_and_tokenizer)
     from model import render_chat
     policy, tokenizer = policy_and_tokenizer
     reference = rlhf.freeze(copy.deepcopy(policy))
-    optimizer = rlhf.make_optimizer(policy, None, rlhf.Config(learning_rate=0.0))   # lr 0: nothing moves
+    optimizer = rlhf.make_optimizer(policy, None, rlhf.Config(learning_rate=0.0, final_norm_learning_rate=0.0))
+    # (learning rate 0: nothing moves)
     pairs = [(p, "Lima is the capital.", "I do not know.") for p in PROMPTS]
     line = rlhf.dpo_step(policy, reference, optimizer, tokenizer, pairs, rlhf.Config(dpo_beta=0.1, dpo_nll=0.5))
     # by hand: the chosen responses' log-probabilities, token by token, over the tokens SFT trains on
@@ -246,6 +247,42 @@ def test_rl_raises_a_known_reward_and_keeps_reference_and_reward_model_frozen(
     for name, model in (("reference", reference), ("reward", reward_model)):
         for key, tensor in model.state_dict().items():
             assert torch.equal(tensor, frozen[name][key]), f"{name} changed: {key}"
+
+
+def test_the_final_layernorm_has_a_learning_rate_of_its_own(policy_and_tokenizer):
+    policy, _ = policy_and_tokenizer
+    optimizer = rlhf.make_optimizer(policy, None, rlhf.Config(learning_rate=1e-5, final_norm_learning_rate=1e-2))
+    rate = {id(parameter): group["lr"] for group in optimizer.param_groups for parameter in group["params"]}
+    for name, parameter in policy.named_parameters():
+        assert rate[id(parameter)] == (1e-2 if name.startswith("transformer.ln_f.") else 1e-5), name
+    assert len(rate) == len(list(policy.parameters()))   # every weight is trained, each once
+    same = rlhf.make_optimizer(policy, None, rlhf.Config(learning_rate=1e-5, final_norm_learning_rate=0.0))
+    assert {group["lr"] for group in same.param_groups} == {1e-5}   # 0: the rate of every other weight
+
+
+def test_the_final_layernorm_is_the_policys_temperature(policy_and_tokenizer):
+    """Why it gets a rate of its own: scaling its gain and bias by c scales every logit by c (the output
+    layer has no bias), which is sampling at temperature 1 / c."""
+    policy, _ = policy_and_tokenizer
+    idx = torch.randint(0, policy.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        logits, _ = policy(idx)
+        policy.transformer.ln_f.weight.mul_(2.0)
+        policy.transformer.ln_f.bias.mul_(2.0)
+        sharper, _ = policy(idx)
+    assert torch.allclose(sharper, 2.0 * logits, atol=1e-5)
+
+
+def test_with_the_other_rates_at_zero_a_step_moves_only_the_final_layernorm(policy_and_tokenizer):
+    policy, tokenizer = policy_and_tokenizer
+    reference = rlhf.freeze(copy.deepcopy(policy))
+    start = copy.deepcopy(policy.state_dict())
+    config = rlhf.Config(learning_rate=0.0, final_norm_learning_rate=1e-2, samples_per_prompt=4, max_new_tokens=8)
+    optimizer = rlhf.make_optimizer(policy, None, config)
+    rlhf.rollout_step(policy, reference, None, optimizer, tokenizer, PROMPTS, digit_reward, rlhf.RewardNormalizer(),
+                      config, step=0)
+    for name, tensor in policy.state_dict().items():
+        assert torch.equal(tensor, start[name]) != name.startswith("transformer.ln_f."), name
 
 
 def test_dpo_raises_a_known_reward(policy_and_tokenizer):
