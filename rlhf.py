@@ -599,11 +599,12 @@ def make_optimizer(policy, value_head, config):
     size. At 1e-5 a matrix entry (about 0.02 in size) can move by a twentieth of a percent of itself
     in a step, the final LayerNorm's gain (about 2) by a hundredth of that, so in 200 steps the gain
     could change by 0.1% at most. Yet the gain and bias set the scale of every logit: scaled together
-    by c, the policy samples at temperature 1 / c (a test checks it). And at this size what RL carries to prompts it never practised
-    on is mostly that (measured: see README): sampling more like the answer it would give greedily,
-    where that answer is the better one, the entropy RLHF models lose in the talk. The matrices' rate
-    would keep it from learning it; a rate 3,000 times larger (3e-2) for the 2 x n_embd weights of the
-    final norm lets it. (nanochat likewise gives its embedding and unembedding rates of their own.)"""
+    by c, the policy samples at temperature 1 / c (a test checks it). And at this size what RL carries
+    to prompts it never practised on is mostly that (measured: see README): sampling more like the
+    answer it would give greedily, where that answer is the better one, the entropy RLHF models lose in
+    the talk. The matrices' rate would keep it from learning it; a rate 3,000 times larger (3e-2) for
+    the 2 x n_embd weights of the final norm lets it. (nanochat likewise gives its embedding and
+    unembedding rates of their own.)"""
     final_norm = [parameter for name, parameter in policy.named_parameters()
                   if name.startswith("transformer.ln_f.") and parameter.requires_grad]
     chosen = {id(parameter) for parameter in final_norm}
