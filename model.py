@@ -215,13 +215,19 @@ class GPT(nn.Module):
         rows = torch.arange(idx.size(0), device=idx.device)
         return self.scalar_head(hidden[rows, positions]).squeeze(-1)
 
-    def configure_optimizer(self, learning_rate, weight_decay=0.1, betas=(0.9, 0.95)):
+    def configure_optimizer(self, learning_rate, weight_decay=0.1, betas=(0.9, 0.95), own_rates=None):
         """AdamW that decays matrices (matmul weights, embeddings) but not biases and LayerNorm
         gains: decay pulls weights toward 0, which regularises a matrix but would only fight the
-        scale a gain or bias is there to set. Frozen parameters (requires_grad False) are left out."""
-        trainable = [parameter for parameter in self.parameters() if parameter.requires_grad]
-        groups = [{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": weight_decay},
-                  {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}]
+        scale a gain or bias is there to set. Frozen parameters (requires_grad False) are left out.
+        own_rates {name prefix: learning rate} puts the parameters whose names start with a prefix in
+        a group of their own, at that rate and not decayed (rlhf.py: the final LayerNorm)."""
+        own_rates = own_rates or {}
+        named = [(name, p) for name, p in self.named_parameters() if p.requires_grad]
+        shared = [p for name, p in named if not name.startswith(tuple(own_rates))]
+        groups = [{"params": [p for p in shared if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in shared if p.dim() < 2], "weight_decay": 0.0}]
+        groups += [{"params": [p for name, p in named if name.startswith(prefix)], "lr": rate, "weight_decay": 0.0}
+                   for prefix, rate in own_rates.items()]
         try:  # the fused kernel updates all parameters in one pass; torch < 2.4 has it on CUDA only
             return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=True)
         except RuntimeError:

@@ -605,15 +605,12 @@ def make_optimizer(policy, value_head, config):
     the talk. The matrices' rate would keep it from learning it; a rate 3,000 times larger (3e-2) for
     the 2 x n_embd weights of the final norm lets it. (nanochat likewise gives its embedding and
     unembedding rates of their own.)"""
-    final_norm = [parameter for name, parameter in policy.named_parameters()
-                  if name.startswith("transformer.ln_f.") and parameter.requires_grad]
-    chosen = {id(parameter) for parameter in final_norm}
-    rest = [parameter for parameter in policy.parameters() if parameter.requires_grad and id(parameter) not in chosen]
-    groups = [{"params": rest, "lr": config.learning_rate},
-              {"params": final_norm, "lr": config.final_norm_learning_rate or config.learning_rate}]
+    final_norm_rate = config.final_norm_learning_rate or config.learning_rate
+    optimizer = policy.configure_optimizer(config.learning_rate, weight_decay=0.0,
+                                           own_rates={"transformer.ln_f.": final_norm_rate})
     if value_head is not None:
-        groups.append({"params": list(value_head.parameters()), "lr": config.learning_rate})
-    return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(0.9, 0.95), weight_decay=0.0)
+        optimizer.add_param_group({"params": list(value_head.parameters()), "weight_decay": 0.0})
+    return optimizer
 
 
 def freeze(model):
