@@ -75,6 +75,11 @@ class KVCache:
         self.length = end
         return self.keys[:, :, :end], self.values[:, :, :end]
 
+    def keep_rows(self, rows):
+        """Keep only these rows of the batch (the sequences still generating)."""
+        if self.keys is not None:
+            self.keys, self.values = self.keys[rows], self.values[rows]
+
 
 class CausalSelfAttention(nn.Module):
     """Each position looks back at itself and every earlier position: n_head heads in parallel,
@@ -290,6 +295,12 @@ class GPT(nn.Module):
         stopped = torch.zeros(batch, dtype=torch.bool, device=device)
         done = budget <= 0
         so_far = [[] for _ in prompts] if logits_hook is not None else None
+        # rows: the sequences still computed, by their index in the batch. Finished ones leave the
+        # working batch (tokens, positions, caches) once they are a quarter of it: sampled answers
+        # differ in length (in an RL batch most end within 20 tokens and a few ramble on to the
+        # limit), and otherwise every step would go on computing all of them. A logits_hook may keep
+        # state per row of the logits it is shown, so with one, the rows stay.
+        rows = torch.arange(batch, device=device)
 
         was_training = self.training
         self.eval()  # no dropout while generating; restored below (RLHF generates mid-training)
@@ -299,20 +310,26 @@ class GPT(nn.Module):
                 raw = logits.float()
                 chosen = raw if logits_hook is None else logits_hook(step, so_far, raw.clone())
                 next_token = sample_next(chosen, temperature, top_k, top_p, generator)
-                new_tokens[:, step] = next_token
+                new_tokens[rows, step] = next_token
                 # The model's own log-probability of the token (before temperature, top-k/p, hook):
                 # what RLHF's policy gradient and KL penalty need.
-                new_logprobs[:, step] = raw.log_softmax(dim=-1).gather(1, next_token[:, None]).squeeze(1)
-                active = ~done
-                produced += active
-                stopped |= active & torch.isin(next_token, stop_set)
-                done = done | stopped | (produced >= budget)
+                new_logprobs[rows, step] = raw.log_softmax(dim=-1).gather(1, next_token[:, None]).squeeze(1)
+                active = ~done[rows]
+                produced[rows] += active
+                stopped[rows] |= active & torch.isin(next_token, stop_set)
+                done[rows] |= stopped[rows] | (produced[rows] >= budget[rows])
                 if on_token is not None or so_far is not None:
-                    self._report_tokens(next_token.tolist(), active.tolist(), so_far, on_token)
+                    self._report_tokens(rows.tolist(), next_token.tolist(), active.tolist(), so_far, on_token)
                 if bool(done.all()):
                     break
                 slot = longest + step
                 tokens[:, slot] = next_token
+                finished = done[rows]
+                if logits_hook is None and 4 * int(finished.sum()) >= len(rows):
+                    keep = (~finished).nonzero().squeeze(1)
+                    rows, tokens, positions, real = rows[keep], tokens[keep], positions[keep], real[keep]
+                    for cache in caches or ():
+                        cache.keep_rows(keep)
                 logits = self._next_logits(tokens, positions, real if padded else None, caches, slot, slot + 1)
         finally:
             self.train(was_training)
@@ -336,8 +353,8 @@ class GPT(nn.Module):
         return self.lm_head(hidden[:, -1])
 
     @staticmethod
-    def _report_tokens(token_list, active_list, so_far, on_token):
-        for row, (token, active) in enumerate(zip(token_list, active_list)):
+    def _report_tokens(row_list, token_list, active_list, so_far, on_token):
+        for row, token, active in zip(row_list, token_list, active_list):
             if active:
                 if so_far is not None:
                     so_far[row].append(token)
@@ -435,7 +452,22 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
         mass_above = sorted_probs.cumsum(dim=-1) - sorted_probs
         sorted_probs = sorted_probs.masked_fill(mass_above >= top_p, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return draw_from(probs, generator)
+
+
+def draw_from(probs, generator=None):
+    """(B, vocab) probabilities -> (B,) token ids, each drawn with its probability: one uniform number u
+    per row, and the token whose interval of the running total holds u (inverse transform sampling).
+    torch.multinomial does the same job but draws a random number for every token of the vocabulary
+    (measured on a 2-core CPU: 0.6 ms for 16 rows of 1,024 tokens, a sixth of a decoding step of the
+    default model; this takes 0.06 ms)."""
+    totals = probs.cumsum(dim=-1)
+    u = torch.rand(probs.size(0), 1, generator=generator, device=probs.device, dtype=totals.dtype) * totals[:, -1:]
+    # right=True: the first token whose running total exceeds u, so a token of probability 0 (an empty
+    # interval) is never chosen; the clamp catches u rounding up to the total, and keeps to the last
+    # token with probability > 0 (where the running total first reaches the total)
+    last = (totals < totals[:, -1:]).sum(dim=-1, keepdim=True)
+    return torch.searchsorted(totals, u, right=True).clamp(max=last).squeeze(-1)
 
 
 # -----------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import torch
 from torch.nn import functional as F
 
 from model import (GPT, IGNORE_INDEX, GPTConfig, UsageError, gpt2_state_dict, import_gpt2, load_checkpoint,
-                   load_model, read_safetensors, sample_next, save_checkpoint)
+                   load_model, read_safetensors, draw_from, sample_next, save_checkpoint)
 
 TINY = dict(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=16)
 
@@ -250,6 +250,49 @@ def test_logprobs_of_sampled_tokens_equal_a_fresh_forward_pass():
         logprobs = logits[0, len(prompt) - 1:-1].log_softmax(-1)
         expected = logprobs.gather(-1, torch.tensor(generation.tokens)[:, None]).squeeze(-1)
         assert generation.logprobs == pytest.approx(expected.tolist(), abs=1e-4)
+
+
+def test_rows_that_finish_early_leave_the_batch_without_changing_the_others():
+    # generate drops finished sequences from its working batch (and their rows of the KV cache) once
+    # they are a quarter of it: the sequences left must go on exactly as if nothing had left
+    model = lively_model()
+    prompts = [[1 + row % 7, 2 + row % 5] * (1 + row % 3) for row in range(12)]
+    free = model.generate(prompts, 16, temperature=0)
+
+    def lengths_if_stopping_at(token):
+        return [g.tokens.index(token) + 1 if token in g.tokens else 16 for g in free]
+
+    # a stop token that ends a quarter of the rows within 3 steps and leaves others to run to the end
+    stop = next(token for token in range(64) if sum(n <= 3 for n in lengths_if_stopping_at(token)) >= 3
+                and lengths_if_stopping_at(token).count(16) >= 3)
+    stops = (stop,)
+    stopped = model.generate(prompts, 16, temperature=0, stop_tokens=stops)
+    assert [len(generation.tokens) for generation in stopped] == lengths_if_stopping_at(stop)
+    for prompt, generation in zip(prompts, stopped):
+        alone = model.generate([prompt], 16, temperature=0, stop_tokens=stops)[0]
+        assert generation.tokens == alone.tokens
+        assert generation.logprobs == pytest.approx(alone.logprobs, abs=1e-4)
+    # sampled: each row's log-probabilities are those of a fresh forward pass over its own tokens
+    sampled = model.generate(prompts, 16, temperature=1.0, seed=5, stop_tokens=stops)
+    assert len({len(generation.tokens) for generation in sampled}) > 2
+    for prompt, generation in zip(prompts, sampled):
+        logits, _ = model(torch.tensor([prompt + generation.tokens]))
+        logprobs = logits[0, len(prompt) - 1:-1].log_softmax(-1)
+        expected = logprobs.gather(-1, torch.tensor(generation.tokens)[:, None]).squeeze(-1)
+        assert generation.logprobs == pytest.approx(expected.tolist(), abs=1e-4)
+
+
+def test_draw_from_draws_each_token_with_its_probability():
+    generator = torch.Generator().manual_seed(0)
+    probs = torch.tensor([0.0, 0.1, 0.0, 0.3, 0.6, 0.0])
+    draws = draw_from(probs.repeat(100_000, 1), generator)
+    frequencies = torch.bincount(draws, minlength=6).float() / len(draws)
+    assert frequencies[[0, 2, 5]].sum() == 0   # a token of probability 0 never comes up
+    standard_error = (probs * (1 - probs) / len(draws)).sqrt()
+    assert ((frequencies - probs).abs() <= 5 * standard_error + 1e-9).all()
+    # a row whose mass is all on one token, wherever it is
+    certain = torch.eye(5)
+    assert draw_from(certain, generator).tolist() == [0, 1, 2, 3, 4]
 
 
 def test_seed_repeats_sampling_and_leaves_the_global_generator_alone():

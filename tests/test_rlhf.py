@@ -46,7 +46,9 @@ def policy_and_tokenizer(tmp_path, make_checkpoint):
 
 def test_sampled_logprobs_equal_a_fresh_forward_pass(policy_and_tokenizer):
     policy, tokenizer = policy_and_tokenizer
-    rollout = rlhf.sample_rollout(policy, tokenizer, PROMPTS, samples_per_prompt=3, max_new_tokens=10, seed=0)
+    # without the calculator, so every token is the policy's (its tokens are tested below)
+    rollout = rlhf.sample_rollout(policy, tokenizer, PROMPTS, samples_per_prompt=3, max_new_tokens=10, seed=0,
+                                  tool=False)
     with torch.no_grad():
         logprobs = rlhf.token_logprobs(policy, rollout.idx)
     for row, sampled in enumerate(rollout.sampled_logprobs):
