@@ -288,19 +288,26 @@ class GPT(nn.Module):
         caches = [KVCache(width) for _ in self.transformer.h] if use_cache else None
         generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
         stop_set = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
+        so_far = [[] for _ in prompts] if logits_hook is not None else None
+        # The working batch: row r computes sequence rows[r]. Finished sequences leave it (with their
+        # rows of the cache) once they are a quarter of it: sampled answers differ in length (in an RL
+        # batch most end within 20 tokens and a few ramble on to the limit), and otherwise every step
+        # would go on computing all of them. A logits_hook may keep state per row of the logits it is
+        # shown, so with one, the rows stay.
+        rows = torch.arange(batch, device=device)
         budget = torch.tensor(budgets, device=device)
         new_tokens = torch.zeros(batch, steps, dtype=torch.long, device=device)
         new_logprobs = torch.zeros(batch, steps, device=device)
-        produced = torch.zeros(batch, dtype=torch.long, device=device)  # tokens each sequence has made
+        produced = torch.zeros(batch, dtype=torch.long, device=device)  # tokens each row has made
         stopped = torch.zeros(batch, dtype=torch.bool, device=device)
         done = budget <= 0
-        so_far = [[] for _ in prompts] if logits_hook is not None else None
-        # rows: the sequences still computed, by their index in the batch. Finished ones leave the
-        # working batch (tokens, positions, caches) once they are a quarter of it: sampled answers
-        # differ in length (in an RL batch most end within 20 tokens and a few ramble on to the
-        # limit), and otherwise every step would go on computing all of them. A logits_hook may keep
-        # state per row of the logits it is shown, so with one, the rows stay.
-        rows = torch.arange(batch, device=device)
+        results = [None] * batch  # each sequence's Generation, filed when its row leaves or at the end
+
+        def file_results(leaving):
+            for sequence, chosen, logprobs, count, stop in zip(
+                    rows[leaving].tolist(), new_tokens[leaving].tolist(), new_logprobs[leaving].tolist(),
+                    produced[leaving].tolist(), stopped[leaving].tolist()):
+                results[sequence] = Generation(chosen[:count], logprobs[:count], stop)
 
         was_training = self.training
         self.eval()  # no dropout while generating; restored below (RLHF generates mid-training)
@@ -310,33 +317,34 @@ class GPT(nn.Module):
                 raw = logits.float()
                 chosen = raw if logits_hook is None else logits_hook(step, so_far, raw.clone())
                 next_token = sample_next(chosen, temperature, top_k, top_p, generator)
-                new_tokens[rows, step] = next_token
+                new_tokens[:, step] = next_token
                 # The model's own log-probability of the token (before temperature, top-k/p, hook):
                 # what RLHF's policy gradient and KL penalty need.
-                new_logprobs[rows, step] = raw.log_softmax(dim=-1).gather(1, next_token[:, None]).squeeze(1)
-                active = ~done[rows]
-                produced[rows] += active
-                stopped[rows] |= active & torch.isin(next_token, stop_set)
-                done[rows] |= stopped[rows] | (produced[rows] >= budget[rows])
+                new_logprobs[:, step] = raw.log_softmax(dim=-1).gather(1, next_token[:, None]).squeeze(1)
+                active = ~done
+                produced += active
+                stopped |= active & torch.isin(next_token, stop_set)
+                done = done | stopped | (produced >= budget)
                 if on_token is not None or so_far is not None:
                     self._report_tokens(rows.tolist(), next_token.tolist(), active.tolist(), so_far, on_token)
-                if bool(done.all()):
+                finished = int(done.sum())
+                if finished == len(done):
                     break
                 slot = longest + step
                 tokens[:, slot] = next_token
-                finished = done[rows]
-                if logits_hook is None and 4 * int(finished.sum()) >= len(rows):
-                    keep = (~finished).nonzero().squeeze(1)
+                if logits_hook is None and 4 * finished >= len(done):
+                    file_results(done.nonzero().squeeze(1))
+                    keep = (~done).nonzero().squeeze(1)
                     rows, tokens, positions, real = rows[keep], tokens[keep], positions[keep], real[keep]
+                    new_tokens, new_logprobs, budget = new_tokens[keep], new_logprobs[keep], budget[keep]
+                    produced, stopped, done = produced[keep], stopped[keep], done[keep]
                     for cache in caches or ():
                         cache.keep_rows(keep)
                 logits = self._next_logits(tokens, positions, real if padded else None, caches, slot, slot + 1)
         finally:
             self.train(was_training)
-        produced, stopped = produced.tolist(), stopped.tolist()
-        new_tokens, new_logprobs = new_tokens.tolist(), new_logprobs.tolist()
-        return [Generation(new_tokens[row][:produced[row]], new_logprobs[row][:produced[row]], stopped[row])
-                for row in range(batch)]
+        file_results(torch.arange(len(rows), device=device))
+        return results
 
     def _next_logits(self, tokens, positions, real, caches, start, end):
         """Logits (B, vocab) for the token after slot end-1. With caches, slots [start, end) are the
@@ -466,7 +474,7 @@ def draw_from(probs, generator=None):
     # right=True: the first token whose running total exceeds u, so a token of probability 0 (an empty
     # interval) is never chosen; the clamp catches u rounding up to the total, and keeps to the last
     # token with probability > 0 (where the running total first reaches the total)
-    last = (totals < totals[:, -1:]).sum(dim=-1, keepdim=True)
+    last = torch.searchsorted(totals, totals[:, -1:].contiguous())
     return torch.searchsorted(totals, u, right=True).clamp(max=last).squeeze(-1)
 
 
