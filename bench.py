@@ -133,15 +133,15 @@ def bench_tokenizer(args):
 
 def bench_model(args):
     """Training tokens/s (forward + backward + AdamW step) and generation tokens/s (with and without
-    the KV cache, batch 1 and 16) for a tiny and a small GPT with random weights, on the CPU. Each
-    figure is the best of a few repeats: a shared machine only ever slows a run down, so the fastest
-    repeat is the least disturbed one."""
+    the KV cache, batch 1 and 16) for a tiny and a small GPT with random weights, on the CPU, and the
+    time to draw a sampled token. Each figure is the best of a few repeats: a shared machine only ever
+    slows a run down, so the fastest repeat is the least disturbed one."""
     import copy
     import time
 
     import torch
 
-    from model import GPT, GPTConfig, autocast
+    from model import GPT, GPTConfig, autocast, draw_from
 
     repeats = 2 if args.quick else 3
     sizes = {"tiny": dict(n_layer=4, n_head=4, n_embd=128), "small": dict(n_layer=6, n_head=6, n_embd=384)}
@@ -228,6 +228,20 @@ def bench_model(args):
         rows.append([name, "", "", "", f"cached/uncached {rates[1, 256, True] / rates[1, 256, False]:.1f}x", "target >= 5x"])
         rows.append([name, "", "", "", f"batch 16/batch 1 {rates[16, 256, True] / rates[1, 256, True]:.1f}x", "target >= 6x"])
     print_table(["model", "batch", "new tokens", "cache", "tokens/s", "target"], rows)
+
+    # Sampling draws one token per sequence at every step. torch.multinomial draws a random number per
+    # vocabulary entry; model.draw_from draws one per sequence and searches the running total.
+    print("\ndrawing one token per sequence from (batch, 1024) probabilities, as sampling does at every step")
+    rows = []
+    generator = torch.Generator().manual_seed(0)
+    draws = 200
+    for batch in (16, 64):
+        probs = torch.randn(batch, 1024).softmax(dim=-1)
+        for label, draw in [("torch.multinomial", lambda: torch.multinomial(probs, 1, generator=generator)),
+                            ("draw_from (model.py)", lambda: draw_from(probs, generator))]:
+            rate = best_rate(lambda: [draw() for _ in range(draws)], draws)
+            rows.append([batch, label, f"{1e6 / rate:,.0f}"])
+    print_table(["batch", "method", "microseconds per draw"], rows)
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")
 
 
