@@ -272,9 +272,13 @@ def test_rows_that_finish_early_leave_the_batch_without_changing_the_others():
         alone = model.generate([prompt], 16, temperature=0, stop_tokens=stops)[0]
         assert generation.tokens == alone.tokens
         assert generation.logprobs == pytest.approx(alone.logprobs, abs=1e-4)
-    # sampled: each row's log-probabilities are those of a fresh forward pass over its own tokens
-    sampled = model.generate(prompts, 16, temperature=1.0, seed=5, stop_tokens=stops)
+    # sampled: each row's log-probabilities are those of a fresh forward pass over its own tokens, and
+    # streaming names each token's own sequence after others have left
+    streamed = {}
+    sampled = model.generate(prompts, 16, temperature=1.0, seed=5, stop_tokens=stops,
+                             on_token=lambda row, token: streamed.setdefault(row, []).append(token))
     assert len({len(generation.tokens) for generation in sampled}) > 2
+    assert [streamed.get(row, []) for row in range(len(prompts))] == [generation.tokens for generation in sampled]
     for prompt, generation in zip(prompts, sampled):
         logits, _ = model(torch.tensor([prompt + generation.tokens]))
         logprobs = logits[0, len(prompt) - 1:-1].log_softmax(-1)
