@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from model import (GPT, IGNORE_INDEX, GPTConfig, UsageError, gpt2_state_dict, import_gpt2, load_checkpoint,
-                   load_model, read_safetensors, draw_from, sample_next, save_checkpoint)
+from model import (GPT, IGNORE_INDEX, GPTConfig, UsageError, draw_from, gpt2_state_dict, import_gpt2,
+                   load_checkpoint, load_model, read_safetensors, sample_next, save_checkpoint)
 
 TINY = dict(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=16)
 
