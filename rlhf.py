@@ -67,17 +67,20 @@ class Config:
         "help": "training steps: a batch of samples (reinforce: one update; ppo: ppo_epochs x ppo_minibatches "
                 "updates) or of pairs (dpo); 0: the algorithm's default, 100 reinforce, 40 ppo, 100 dpo"})
     # sampling (reinforce, ppo)
-    prompts_per_step: int = field(default=16, metadata={"help": "RL prompts per step"})
-    samples_per_prompt: int = field(default=4, metadata={"help": "K: completions sampled per prompt (the "
-                                                                 "leave-one-out baseline needs K >= 2)"})
+    prompts_per_step: int = field(default=8, metadata={"help": "RL prompts per step"})
+    samples_per_prompt: int = field(default=8, metadata={
+        "help": "K: completions sampled per prompt (the leave-one-out baseline needs K >= 2; with 8, each "
+                "sample is compared with 7 siblings; measured: 8 x 8 prompts removed 26% of the held-out "
+                "error, 4 x 16 24%, in less time)"})
     max_new_tokens: int = field(default=128, metadata={"help": "longest completion, in tokens (training and evaluation)"})
     # the objective
     learning_rate: float = field(default=1e-5, metadata={
         "help": "AdamW learning rate (constant); RL steps are noisy: at 1e-4 the policy is 6 nats from SFT "
                 "within 10 steps, fooling the reward model"})
-    final_norm_learning_rate: float = field(default=0.1, metadata={
+    final_norm_learning_rate: float = field(default=0.3, metadata={
         "help": "AdamW learning rate of the final LayerNorm's gain and bias, which scale every logit: how sharply "
-                "the policy samples (see make_optimizer); 0 = --learning_rate, like every other weight"})
+                "the policy samples (see make_optimizer); 0 = --learning_rate, like every other weight "
+                "(measured with K = 8: 0.3 removed 28% of the held-out error, 0.1 26%)"})
     kl_coef: float = field(default=0.02, metadata={
         "help": "beta, weight of the KL(policy || SFT) penalty in the reward, per unit of reward spread; "
                 "the field uses 0.02 (InstructGPT) to 0.05 (TRL) to 0.1 (DeepSpeed-Chat); 0 = no leash "
@@ -604,7 +607,7 @@ def make_optimizer(policy, value_head, config):
     by c, the policy samples at temperature 1 / c (a test checks it). And at this size what RL carries
     to prompts it never practised on is mostly that (measured: see README): sampling more like the
     answer it would give greedily, where that answer is the better one, the entropy RLHF models lose in
-    the talk. The matrices' rate would keep it from learning it; a rate 10,000 times larger (0.1) for
+    the talk. The matrices' rate would keep it from learning it; a rate 30,000 times larger (0.3) for
     the 2 x n_embd weights of the final norm lets it, in the few steps a CPU has time for. (nanochat
     likewise gives its embedding and unembedding rates of their own.)"""
     final_norm_rate = config.final_norm_learning_rate or config.learning_rate
