@@ -84,7 +84,7 @@ class Config:
     kl_coef: float = field(default=0.02, metadata={
         "help": "beta, weight of the KL(policy || SFT) penalty in the reward, per unit of reward spread; "
                 "the field uses 0.02 (InstructGPT) to 0.05 (TRL) to 0.1 (DeepSpeed-Chat); 0 = no leash "
-                "(measured in 100 steps: 0.02 removed 24% of the held-out error, 0.1 18%)"})
+                "(measured in 100 steps with K = 4: 0.02 removed 24% of the held-out error, 0.1 18%)"})
     truncation_penalty: float = field(default=1.0, metadata={
         "help": "subtracted from the reward of a completion that never said <|end|> (TRL's missing_eos_penalty)"})
     grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0: off)"})
