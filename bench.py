@@ -166,7 +166,7 @@ def bench_model(args):
     # instructions (AVX-512 BF16 or AMX: pretrain.py's and sft.py's --dtype auto picks bf16 there; where
     # they are missing bf16 is emulated and slow). The compiled rows show what torch.compile would add;
     # --quick skips them (compiling takes a while). The tiny model is measured at nanoGPT's shape
-    # (context 64, batch 12) and at pretrain.py's default one (context 256, batch 16).
+    # (context 64, batch 12) and at context 256, batch 16 (pretrain.py's shape until it took 4 rows a step).
     variants = [("fp32", False, False), ("bf16 autocast", False, True)]
     variants += [] if args.quick else [("fp32, compiled", True, False), ("bf16 autocast, compiled", True, True)]
     rows = []
