@@ -88,7 +88,8 @@ class Config:
                                                            "the SFT weights (-1: train everything)"})
     center_penalty: float = field(default=0.01, metadata={"help": "weight of (mean reward)^2 in the loss: "
                                                                   "keeps rewards centred on 0"})
-    eval_interval: int = field(default=10, metadata={"help": "evaluate on the held-out prompts every N steps"})
+    eval_interval: int = field(default=20, metadata={"help": "evaluate on the held-out prompts every N steps "
+                                                             "(and after the last)"})
     examples: int = field(default=3, metadata={"help": "held-out prompts to print with their completions "
                                                        "ranked by reward"})
     resume: bool = field(default=False, metadata={"help": "continue an interrupted run from <out_dir>/reward.pt"})
@@ -680,6 +681,9 @@ def main(config: Config) -> dict:
         raise UsageError("no training prompt has completions of different quality (all tied): raise "
                          "--temperature, or check that the SFT model is trained")
     heldout_pairs = sum(len(c.pairs()) for c in heldout_set)
+    # A prompt whose completions all tie has no pair, so it cannot move the held-out loss or accuracy;
+    # the evaluations during training skip it (about half the held-out prompts, and half their time).
+    heldout_ranked = [c for c in heldout_set if c.pairs()]
     print(f"{len(comparisons)} prompts ({tied} all tied); training on {len(train_set)}, "
           f"{sum(len(c.pairs()) for c in train_set)} ordered pairs; held out {len(heldout_set)} prompts, "
           f"{heldout_pairs} pairs")
@@ -742,7 +746,7 @@ def main(config: Config) -> dict:
             history["step"].append(step)
             history["train_loss"].append(loss.item())
             if heldout_pairs and (step % config.eval_interval == 0 or step == config.max_iters - 1):
-                result = evaluate(model, tokenizer, heldout_set)
+                result = evaluate(model, tokenizer, heldout_ranked)
                 history["eval_step"].append(step)
                 history["eval_loss"].append(result["loss"])
                 history["eval_accuracy"].append(result["accuracy"])
