@@ -68,8 +68,8 @@ class Config:
     dropout: float = field(default=0.0, metadata={"help": "dropout probability (0 for short runs)"})
     # optimization
     batch_size: int = field(default=4, metadata={"help": "rows per optimizer step, over all processes and "
-                                                         "accumulation steps (a CPU moves as many tokens per second "
-                                                         "with 4 rows as with 16, and 4x the steps learn more)"})
+                                                         "accumulation steps (on the 2-core CPU measured, 4 rows move as "
+                                                         "many tokens per second as 16, and 4x the steps learn more)"})
     grad_accum: int = field(default=1, metadata={"help": "split each batch into this many forward/backward passes"})
     learning_rate: float = field(default=4e-3, metadata={"help": "peak learning rate (a 1M-parameter model takes a "
                                                                "high one: 4e-3 learned the facts in 1200 steps of "
