@@ -8,8 +8,9 @@ this completion, and so therefore every single token that we sampled in that sec
 get a slightly lower probability for the future." A KL penalty keeps the policy near the SFT model,
 and the talk's warnings are measured here: outputs get less diverse ("mode collapse") and the reward
 model, an imperfect copy of the labelers, can be fooled. Every update also trains on a few SFT
-demonstrations (--sft_coef, InstructGPT's "PPO-ptx"), because RL otherwise erodes what the reward model
-cannot judge: here, the one-digit sums of chain of thought.
+demonstrations (--sft_coef, after InstructGPT's "PPO-ptx"), because RL otherwise erodes what the reward
+model cannot judge: here, the one-digit sums of chain of thought; --pretrain_mix adds pretraining text,
+as InstructGPT did.
 
     python rlhf.py                     # REINFORCE with a leave-one-out baseline -> out/rlhf.pt
     python rlhf.py --algo ppo          # InstructGPT's recipe: PPO with a value head
@@ -93,6 +94,11 @@ class Config:
                 "(InstructGPT's PPO-ptx mixed in pretraining text): holds on to what the reward model cannot "
                 "judge (measured: chain of thought 48% without, 68% with; SFT 78%); 0 = off"})
     sft_batch_size: int = field(default=16, metadata={"help": "reinforce/ppo with --sft_coef: SFT conversations per step"})
+    pretrain_mix: int = field(default=0, metadata={
+        "help": "reinforce/ppo with --sft_coef: rows of the pretraining corpus (64 tokens each) added to every "
+                "update's demonstrations, as InstructGPT's PPO-ptx mixed in pretraining text; 0 = off (measured: "
+                "16 rows kept greedy answers on held-out entities at 90% right, 77% without, but removed 12.9% "
+                "of the held-out error at temperature 1, against 16.1%: they also hold the policy's temperature)"})
     micro_batch: int = field(default=16, metadata={"help": "sequences per forward pass or generation call, grouped "
                                                            "by length (less padding); larger is faster on a GPU"})
     # ppo
@@ -485,7 +491,8 @@ class RewardNormalizer:
 def rollout_step(policy, reference, value_head, optimizer, tokenizer, prompts, reward_fn, normalizer,
                  config, step, world=None, demonstrations=None):
     """One step of reinforce or ppo: sample, score, then update. Returns the step's log line.
-    demonstrations (with --sft_coef): this step's SFT conversations, as padded (inputs, targets)."""
+    demonstrations (with --sft_coef): this step's batches of SFT conversations and pretraining text, each
+    padded (inputs, targets)."""
     device = next(policy.parameters()).device
     rollout = sample_rollout(policy, tokenizer, prompts, config.samples_per_prompt, config.max_new_tokens,
                              seed=config.seed * 100_003 + step, micro_batch=config.micro_batch)
@@ -626,13 +633,17 @@ def freeze(model):
 
 
 def demonstration_loss(policy, demonstrations, device):
-    """The SFT loss (cross-entropy on the assistant's tokens) of a batch of demonstrations. InstructGPT
-    found that RL against a reward model costs skills the reward model does not look at (the "alignment
-    tax") and added a pretraining loss to PPO's ("PPO-ptx"); here RL costs chain of thought, whose one-digit
-    sums the reward model cannot check, and the demonstrations of SFT hold them in place."""
-    inputs, targets = demonstrations
-    _, loss = policy(inputs.to(device), targets.to(device))
-    return loss
+    """The language-modelling loss of this step's demonstrations: a list of padded (inputs, targets)
+    batches, SFT conversations (cross-entropy on the assistant's tokens) and, with --pretrain_mix, rows
+    of pretraining text; the losses of the batches add up. InstructGPT found that RL against a reward
+    model costs skills the reward model does not look at (the "alignment tax") and added a pretraining
+    loss to PPO's ("PPO-ptx"); here RL costs chain of thought, whose one-digit sums the reward model
+    cannot check, and the demonstrations of SFT hold them in place."""
+    total = 0.0
+    for inputs, targets in demonstrations:
+        _, loss = policy(inputs.to(device), targets.to(device))
+        total = total + loss
+    return total
 
 
 def batch_of(items, step, size, seed):
@@ -698,11 +709,17 @@ def main(config: Config) -> dict:
         print(f"dpo: {len(pairs)} preference pairs from {len(comparisons)} rankings in {data_path}")
     demonstrations = None   # --sft_coef: the SFT conversations, and the batch of them each step trains on
     if config.sft_coef > 0 and config.algo != "dpo":
-        from sft import encode_all, pad_batch, world_conversations
+        # the tiny world's SFT conversations; with --pretrain_mix, rows of its pretraining corpus too
+        from sft import encode_all, pad_batch, pretraining_batch, pretraining_tokens, world_conversations
         examples, _, _ = encode_all(tokenizer, world_conversations(world), policy.config.block_size)
+        stream = (pretraining_tokens(tokenizer, world.documents(), 300_000, random.Random(config.seed))
+                  if config.pretrain_mix > 0 else None)
 
         def demonstrations(step):
-            return pad_batch(batch_of(examples, step, config.sft_batch_size, config.seed))
+            batches = [pad_batch(batch_of(examples, step, config.sft_batch_size, config.seed))]
+            if stream is not None:
+                batches.append(pretraining_batch(stream, config.pretrain_mix, 64, config.seed, step))
+            return batches
     # The held-out prompts, asked as the RL split asks its own and as the assistant is used (retrieval
     # questions after their passages, long sums after "Let's think step by step."): the eval split stores them bare.
     tasks = world.tasks("eval")
@@ -821,6 +838,10 @@ def check_config(config):
         raise UsageError("--final_norm_learning_rate must be >= 0 (0 = the same as --learning_rate)")
     if config.sft_coef < 0:
         raise UsageError("--sft_coef must be >= 0 (0 = no SFT loss mixed into RL)")
+    if config.pretrain_mix < 0:
+        raise UsageError("--pretrain_mix must be >= 0 (0 = no pretraining text mixed into RL)")
+    if config.pretrain_mix > 0 and (config.sft_coef == 0 or config.algo == "dpo"):
+        raise UsageError("--pretrain_mix adds rows to the demonstrations of reinforce and ppo: give it --sft_coef > 0")
 
 
 def summary(metrics):

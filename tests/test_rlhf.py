@@ -407,6 +407,8 @@ def test_missing_inputs_give_clear_errors(tmp_path, make_checkpoint, tiny_tokeni
         rlhf.main(tiny_config(tmp_path, resume=True))
     with pytest.raises(UsageError, match="samples_per_prompt"):
         rlhf.main(tiny_config(tmp_path, samples_per_prompt=1))
+    with pytest.raises(UsageError, match="--pretrain_mix adds rows .* --sft_coef > 0"):
+        rlhf.main(tiny_config(tmp_path, sft_coef=0.0, pretrain_mix=4))
 
 
 def test_reward_model_with_another_tokenizer_is_refused(tmp_path, make_checkpoint, world):
@@ -429,8 +431,8 @@ def test_sft_coef_trains_on_the_demonstrations_alongside_the_reward(policy_and_t
     reference = rlhf.freeze(copy.deepcopy(policy))
     conversations = [[{"role": "user", "content": f"What is {n} + 1?"}, {"role": "assistant", "content": f"{n + 1}."}]
                      for n in range(8)]
-    demonstrations = pad_batch([encode_conversation(tokenizer, messages, policy.config.block_size)[:2]
-                                for messages in conversations])
+    demonstrations = [pad_batch([encode_conversation(tokenizer, messages, policy.config.block_size)[:2]
+                                 for messages in conversations])]
 
     def flat_reward(prompts, responses):
         return torch.zeros(len(responses))
@@ -452,8 +454,26 @@ def test_sft_coef_trains_on_the_demonstrations_alongside_the_reward(policy_and_t
     assert lines[-1]["sft_loss"] < lines[0]["sft_loss"] - 0.5
 
 
-def test_the_stage_runs_with_sft_coef(tmp_path, make_checkpoint):
+def test_the_demonstrations_losses_add_up(policy_and_tokenizer, world):
+    """SFT conversations and rows of pretraining text (--pretrain_mix) are separate batches; the supervised
+    loss of a step is the sum of their mean losses, each computed as a plain forward pass would."""
+    from sft import encode_conversation, pad_batch, pretraining_batch, pretraining_tokens
+    policy, tokenizer = policy_and_tokenizer
+    conversations = [[{"role": "user", "content": f"What is {n} + 2?"}, {"role": "assistant", "content": f"{n + 2}."}]
+                     for n in range(4)]
+    chats = pad_batch([encode_conversation(tokenizer, messages, policy.config.block_size)[:2]
+                       for messages in conversations])
+    stream = pretraining_tokens(tokenizer, world.documents()[:20], 2_000, random.Random(0))
+    text = pretraining_batch(stream, rows=3, length=16, seed=0, step=0)
+    expected = policy(*chats)[1] + policy(*text)[1]
+    assert torch.allclose(rlhf.demonstration_loss(policy, [chats, text], "cpu"), expected)
+    assert torch.allclose(rlhf.demonstration_loss(policy, [chats], "cpu"), policy(*chats)[1])
+
+
+def test_the_stage_runs_with_sft_coef_and_pretrain_mix(tmp_path, make_checkpoint):
     make_checkpoint(tmp_path / "sft.pt", "sft")
     make_checkpoint(tmp_path / "reward.pt", "reward", seed=1)
-    metrics = rlhf.main(tiny_config(tmp_path, sft_coef=1.0, sft_batch_size=4))
-    assert metrics["train/sft_loss"] > 0
+    alone = rlhf.main(tiny_config(tmp_path, sft_coef=1.0, sft_batch_size=4))
+    assert alone["train/sft_loss"] > 0
+    mixed = rlhf.main(tiny_config(tmp_path, sft_coef=1.0, sft_batch_size=4, pretrain_mix=2))
+    assert mixed["train/sft_loss"] > alone["train/sft_loss"]   # a second loss, on the pretraining rows, adds to it
