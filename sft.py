@@ -101,6 +101,11 @@ class Config:
     reading_practice: int = field(default=3000, metadata={"help": "add N retrieval-layout conversations, each about a "
                                                                   "country invented for it alone, to the tiny world's "
                                                                   "SFT pairs (0: none; measured: retrieval 0% -> 90-94%)"})
+    calculator_practice: int = field(default=0, metadata={
+        "help": "add N calculator conversations (3-digit products no split asks) to the tiny world's 100 "
+                "(0: none; measured on one base model, two seeds each: with 150 or 300 the answers copied the "
+                "tool's result 98-100% of the time, 0% and 76% without, but retrieval fell from 83-88% to "
+                "67-81%: in a fixed number of steps one practice crowds out another)"})
     skip_base_eval: bool = field(default=False, metadata={"help": "do not evaluate the base model few-shot"})
     resume: bool = field(default=False, metadata={"help": "continue an interrupted run from <out_dir>/sft.pt"})
     show_example: bool = field(default=False, metadata={"help": "print one rendered conversation with its "
@@ -110,10 +115,12 @@ class Config:
 # -----------------------------------------------------------------------------------------------
 # Data: conversations -> (ids, loss mask) -> padded batches
 
-def world_conversations(world, reading_practice=0):
+def world_conversations(world, reading_practice=0, calculator_practice=0):
     """The tiny world's SFT pairs as one-turn conversations: the user's prompt, the ideal answer; plus
-    `reading_practice` retrieval-layout tasks about countries invented for each one alone."""
-    tasks = world.tasks("sft") + (world.reading_practice(reading_practice) if reading_practice > 0 else [])
+    `reading_practice` retrieval-layout tasks about countries invented for each one alone, and
+    `calculator_practice` more products to answer with the calculator."""
+    tasks = (world.tasks("sft") + (world.reading_practice(reading_practice) if reading_practice > 0 else [])
+             + (world.calculator_practice(calculator_practice) if calculator_practice > 0 else []))
     return [[{"role": "user", "content": task.prompt}, {"role": "assistant", "content": task.answer}]
             for task in tasks]
 
@@ -728,7 +735,8 @@ def check_config(config):
     for name in ("max_iters", "batch_size", "eval_interval", "pretrain_mix_length"):
         if getattr(config, name) <= 0:
             raise UsageError(f"--{name} must be positive, got {getattr(config, name)}")
-    for name in ("pretrain_mix", "lora_rank", "warmup_iters", "eval_limit", "max_time", "reading_practice"):
+    for name in ("pretrain_mix", "lora_rank", "warmup_iters", "eval_limit", "max_time", "reading_practice",
+                 "calculator_practice"):
         if getattr(config, name) < 0:
             raise UsageError(f"--{name} must not be negative, got {getattr(config, name)}")
 
@@ -749,7 +757,7 @@ def main(config: Config) -> dict:
     from data.tinyworld import FAMILIES, World
     world = World(**world_arguments(base_checkpoint))   # the prompts we evaluate on, and the default data
     conversations = (jsonl_conversations(config.data) if config.data
-                     else world_conversations(world, config.reading_practice))
+                     else world_conversations(world, config.reading_practice, config.calculator_practice))
     if config.show_example:   # the first conversation, and the first with a tool call if there is one
         tool_calls = [c for c in conversations if any("<|result|>" in m["content"] for m in c)]
         for messages in [conversations[0]] + tool_calls[:1]:

@@ -327,6 +327,11 @@ def calculator_answer(a, b):
     return f"{CALC}{a} * {b}{RESULT}{a * b}{END_RESULT} {a} * {b} = {a * b}."
 
 
+def three_digit_product(rng):
+    """A calculator problem: too large to do in the head (see the module docstring)."""
+    return rng.randint(100, 999), "*", rng.randint(100, 999)
+
+
 def compute(a, op, b):
     return a + b if op == "+" else a - b if op == "-" else a * b
 
@@ -615,12 +620,11 @@ class World:
         self._eval_cot = {self._parse(task.prompt).numbers for task in eval_tasks}
 
     def _calculator_tasks(self, rng, tasks):
-        def large(rng):
-            return rng.randint(100, 999), "*", rng.randint(100, 999)
         used = set()
         for split, count in (("eval", 50), ("sft", 100), ("reward", 60), ("rl", 60)):
             tasks[split] += [self._arithmetic_task(rng, "calculator", a, op, b, split)
-                             for a, op, b in self._draw_problems(rng, count, used, large)]
+                             for a, op, b in self._draw_problems(rng, count, used, three_digit_product)]
+        self._products_used = used   # calculator_practice draws none of these
         self._eval_products = {self._parse(t.prompt).numbers for t in tasks["eval"] if t.family == "calculator"}
 
     def _json_task(self, entity, template, split, heldout):
@@ -694,6 +698,16 @@ class World:
             tasks.append(Task("retrieval", context_prompt(passages, question), answer_sentence(entity, attribute),
                               "sft", False, entity.name, entity.fact(attribute)))
         return tasks
+
+    def calculator_practice(self, count):
+        """`count` more SFT tasks that call the calculator, on 3-digit products no split asks (the evaluation's
+        included), from a random stream of their own. Calling the tool is easy to learn (the right call comes
+        almost every time); copying its six-digit result into the answer is not, and with the split's 100
+        examples some SFT runs learn it and some do not. Deterministic for a given world."""
+        self.tasks("eval")   # every split draws its products first
+        rng = random.Random(f"tinyworld:{self.seed}:calculator-practice")
+        problems = self._draw_problems(rng, count, set(self._products_used), three_digit_product)
+        return [self._arithmetic_task(rng, "calculator", a, op, b, "sft") for a, op, b in problems]
 
     # --- documents ------------------------------------------------------------------------------------
 

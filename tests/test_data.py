@@ -117,6 +117,20 @@ def test_retrieval_facts_are_absent_from_the_corpus_and_training(world):
             assert task.heldout and task.key in retrieval and task.key not in corpus
 
 
+def test_calculator_practice_asks_products_no_split_asks(world):
+    # 20,000 of the 405,450 products of two 3-digit numbers: drawn blindly, about 13 would be the splits' 270
+    practice = world.calculator_practice(20_000)
+    assert world.calculator_practice(300) == world.calculator_practice(300)      # deterministic
+    asked = {tuple(sorted(re.search(r"(\d+) \* (\d+)", task.prompt).groups()))
+             for split in SPLITS for task in world.tasks(split) if task.family == "calculator"}
+    products = [re.search(r"(\d+) \* (\d+)", task.prompt).groups() for task in practice]
+    unordered = {tuple(sorted(product)) for product in products}
+    assert len(unordered) == 20_000 and not unordered & asked                    # new, in either order
+    for task, (a, b) in zip(practice, products):
+        assert task.family == "calculator" and task.split == "sft"
+        assert task.answer == calculator_answer(int(a), int(b)) and task.key == str(int(a) * int(b))
+
+
 def test_reading_practice_is_about_countries_met_nowhere_else(world):
     practice = world.reading_practice(100)
     assert len(practice) == 100 and practice == world.reading_practice(100)   # deterministic

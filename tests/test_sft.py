@@ -298,6 +298,9 @@ def test_reading_practice_adds_conversations_to_the_world_pairs(world):
     practised = sft.world_conversations(world, reading_practice=7)
     assert practised[:len(plain)] == plain and len(practised) == len(plain) + 7
     assert all(c[0]["content"].startswith("Answer using the passages below.") for c in practised[len(plain):])
+    both = sft.world_conversations(world, reading_practice=7, calculator_practice=5)
+    assert both[:len(practised)] == practised and len(both) == len(practised) + 5
+    assert all(c[1]["content"].startswith("<|calc|>") for c in both[len(practised):])
 
 
 def test_the_calculator_result_comes_from_the_tool_not_the_model():
