@@ -103,9 +103,10 @@ class Config:
                                                                   "SFT pairs (0: none; measured: retrieval 0% -> 90-94%)"})
     calculator_practice: int = field(default=0, metadata={
         "help": "add N calculator conversations (3-digit products no split asks) to the tiny world's 100 "
-                "(0: none; measured on one base model, two seeds each: with 150 or 300 the answers copied the "
-                "tool's result 98-100% of the time, 0% and 76% without, but retrieval fell from 83-88% to "
-                "67-81%: in a fixed number of steps one practice crowds out another)"})
+                "(0: none; measured on a base whose SFT model did not copy the tool's result: with 150 or 300 "
+                "the answers copied it 98-100% of the time, 0% and 76% without (two seeds), but retrieval fell "
+                "from 83-88% to 67-81%, since in a fixed number of steps one practice crowds out another; on a "
+                "base whose SFT model copied it already, only the cost)"})
     skip_base_eval: bool = field(default=False, metadata={"help": "do not evaluate the base model few-shot"})
     resume: bool = field(default=False, metadata={"help": "continue an interrupted run from <out_dir>/sft.pt"})
     show_example: bool = field(default=False, metadata={"help": "print one rendered conversation with its "
