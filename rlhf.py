@@ -639,11 +639,7 @@ def demonstration_loss(policy, demonstrations, device):
     model costs skills the reward model does not look at (the "alignment tax") and added a pretraining
     loss to PPO's ("PPO-ptx"); here RL costs chain of thought, whose one-digit sums the reward model
     cannot check, and the demonstrations of SFT hold them in place."""
-    total = 0.0
-    for inputs, targets in demonstrations:
-        _, loss = policy(inputs.to(device), targets.to(device))
-        total = total + loss
-    return total
+    return sum(policy(inputs.to(device), targets.to(device))[1] for inputs, targets in demonstrations)
 
 
 def batch_of(items, step, size, seed):
@@ -709,16 +705,21 @@ def main(config: Config) -> dict:
         print(f"dpo: {len(pairs)} preference pairs from {len(comparisons)} rankings in {data_path}")
     demonstrations = None   # --sft_coef: the SFT conversations, and the batch of them each step trains on
     if config.sft_coef > 0 and config.algo != "dpo":
-        # the tiny world's SFT conversations; with --pretrain_mix, rows of its pretraining corpus too
-        from sft import encode_all, pad_batch, pretraining_batch, pretraining_tokens, world_conversations
-        examples, _, _ = encode_all(tokenizer, world_conversations(world), policy.config.block_size)
-        stream = (pretraining_tokens(tokenizer, world.documents(), 300_000, random.Random(config.seed))
-                  if config.pretrain_mix > 0 else None)
+        # the tiny world's SFT conversations; with --pretrain_mix, rows of its pretraining corpus too, cut
+        # and sampled as SFT's own mix is (sft.Config's defaults)
+        import sft
+        examples, _, _ = sft.encode_all(tokenizer, sft.world_conversations(world), policy.config.block_size)
+        mix = sft.Config()
+        stream = None
+        if config.pretrain_mix > 0:
+            stream = sft.pretraining_tokens(tokenizer, world.documents(), mix.pretrain_mix_tokens,
+                                            random.Random(config.seed))
 
         def demonstrations(step):
-            batches = [pad_batch(batch_of(examples, step, config.sft_batch_size, config.seed))]
+            batches = [sft.pad_batch(batch_of(examples, step, config.sft_batch_size, config.seed))]
             if stream is not None:
-                batches.append(pretraining_batch(stream, config.pretrain_mix, 64, config.seed, step))
+                batches.append(sft.pretraining_batch(stream, config.pretrain_mix, mix.pretrain_mix_length,
+                                                     config.seed, step))
             return batches
     # The held-out prompts, asked as the RL split asks its own and as the assistant is used (retrieval
     # questions after their passages, long sums after "Let's think step by step."): the eval split stores them bare.
