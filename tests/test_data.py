@@ -277,6 +277,10 @@ BAD_AND_ODD = [
     ("What is 347 * 829?", "<|calc|>347 * 829<|result|>", False, 0.1, 0.4),
     ("What is 347 * 829?", "<|calc|>347 * 829<|result|>281234<|/result|> 347 * 829 = 281234.", False, 0.2, 0.4),
     ("What is 347 * 829?", "347 * 829 = 280000.", False, 0.0, 0.2),
+    # The result of a miscopied problem is a wrong answer, not a missing one (and never a right one).
+    ("What is 347 * 829?", "<|calc|>347 * 829<|result|>287663<|/result|> 847 * 829 = 287663.", False, 0.2, 0.2),
+    ("What is 347 * 829?", "<|calc|>347 * 828<|result|>287316<|/result|> 347 * 828 = 287316.", False, 0.1, 0.1),
+    ("What is 23 + 45?", "23 + 46 = 69.", False, 0.0, 0.0),
     ("Describe France as JSON.", '{"name":"France","type":"country","capital":"Paris","continent":"Europe",'
                                  '"language":"French"}', True, 0.8, 0.95),
     ("Describe France as JSON.", 'Sure: {"name": "France", "type": "country", "capital": "Paris", '
@@ -305,6 +309,21 @@ def test_oracle_table(world, prompt, response, correct, low, high):
     assert score < 1.0 or high == 1.0  # only the ideal answer (in either of its forms) gets full marks
     assert world.is_correct(prompt, response) == correct, reason
     assert reason
+
+
+def test_a_miscopied_problem_is_graded_as_a_wrong_answer_to_another_problem(world):
+    """After the right calculator call, "579 * 963 = ..." answers a problem nobody asked: below the right
+    problem's wrong result, as a labeler would rank it (an oracle that read no result there once called
+    it right with 0.6, and the reward model learnt to prefer miscopies)."""
+    call = "<|calc|>679 * 963<|result|>653877<|/result|>"
+    miscopied = world.grade("What is 679 * 963?", call + " 579 * 963 = 555387.")
+    wrong_result = world.grade("What is 679 * 963?", call + " 679 * 963 = 655387.")
+    assert not miscopied.correct and miscopied.score < wrong_result.score
+    assert "579 * 963 = 555387" in miscopied.reason
+    assert world.grade("What is 8 + 32?", "8 + 42 = 114.").reason.startswith("wrong: answers another problem")
+    # A scratchpad that went wrong and stopped is still read as one: its line sums are steps, not answers.
+    wandered = world.grade(COT_PREFIX + "What is 482 + 739?", "482 + 739: 2 + 9 = 10, write 0, carry 1, so far 0.")
+    assert wandered.reason == "no final answer"
 
 
 def test_oracle_reads_wrapped_prompts(world):
