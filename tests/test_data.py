@@ -277,10 +277,12 @@ BAD_AND_ODD = [
     ("What is 347 * 829?", "<|calc|>347 * 829<|result|>", False, 0.1, 0.4),
     ("What is 347 * 829?", "<|calc|>347 * 829<|result|>281234<|/result|> 347 * 829 = 281234.", False, 0.2, 0.4),
     ("What is 347 * 829?", "347 * 829 = 280000.", False, 0.0, 0.2),
-    # The result of a miscopied problem is a wrong answer, not a missing one (and never a right one).
-    ("What is 347 * 829?", "<|calc|>347 * 829<|result|>287663<|/result|> 847 * 829 = 287663.", False, 0.2, 0.2),
+    # The result of a miscopied problem is a wrong answer, not a missing one, unless it is the right number.
+    ("What is 347 * 829?", "<|calc|>347 * 829<|result|>287663<|/result|> 847 * 829 = 702163.", False, 0.2, 0.2),
     ("What is 347 * 829?", "<|calc|>347 * 828<|result|>287316<|/result|> 347 * 828 = 287316.", False, 0.1, 0.1),
+    ("What is 347 * 829?", "<|calc|>347 * 829<|result|>287663<|/result|> 347 * 892 = 287663.", True, 0.6, 0.6),
     ("What is 23 + 45?", "23 + 46 = 69.", False, 0.0, 0.0),
+    ("What is 23 + 45?", "23 + 54 = 68.", True, 0.6, 0.6),                          # the right number
     ("Describe France as JSON.", '{"name":"France","type":"country","capital":"Paris","continent":"Europe",'
                                  '"language":"French"}', True, 0.8, 0.95),
     ("Describe France as JSON.", 'Sure: {"name": "France", "type": "country", "capital": "Paris", '
