@@ -27,6 +27,7 @@ same seed gives byte-identical output on any machine. No work happens at import 
 """
 
 import argparse
+import difflib
 import json
 import os
 import random
@@ -287,6 +288,30 @@ def value_in_slot(text, entity, attribute):
     if tail and value.endswith(tail):
         value = value[:-len(tail)].strip()
     return value if re.fullmatch(r"[\w'-]+|[A-Z][\w'-]*(?: [A-Z][\w'-]*)+", value) else None
+
+
+def names_entity(text, entity):
+    """Does the text name the entity (or, for an animal, its plural: "Mice eat cheese.")?"""
+    names = [entity.name] + ([entity.plural] if entity.plural else [])
+    return any(re.search(rf"(?<!\w){re.escape(name)}(?!\w)", text, re.IGNORECASE) for name in names)
+
+
+def subject_in_form(text, entity, attribute):
+    """What stands where the ideal sentence names the entity, if the text is the ideal sentence with
+    something else there ("Pantistador" in "Pantistador is in Oceania."), without its article; or None."""
+    ideal, named = answer_sentence(entity, attribute), entity.subject()
+    for subject in (named, named[0].upper() + named[1:], ("an " if entity.name[0] in "aeiou" else "a ") + entity.name,
+                    ("An " if entity.name[0] in "aeiou" else "A ") + entity.name):
+        if subject in ideal:
+            before, after = ideal.split(subject, 1)
+            found = re.match(re.escape(before) + r"(.+?)" + re.escape(after), text)
+            return re.sub(r"^(?:an?|the) ", "", found.group(1), flags=re.IGNORECASE) if found else None
+    return None
+
+
+def similar_names(said, name):
+    """A misspelling rather than another name: at least 80% of the letters line up ("Kufelis", "Kuzelis")."""
+    return difflib.SequenceMatcher(None, said.lower(), name.lower()).ratio() >= 0.8
 
 
 def worked_addition(a, b):
@@ -1051,6 +1076,15 @@ class World:
             return Grade(0.2, f"wrong: says it of {other}, asked about {entity.name}", False)
         if text.strip(" .!").lower() == match.group(1).lower():
             return Grade(0.8, "correct but terse (not a sentence)", True)
+        # Nor is the right value said of a name the world does not know ("Pantistador is in Oceania." asked
+        # about New Zealand) a right answer; of the asked name misspelt ("Kufelis is in Asia." asked about
+        # Kuzelis), half of one, like a JSON record whose name is misspelt.
+        if not names_entity(text, entity):
+            subject = subject_in_form(text, entity, attribute)
+            if subject is not None and similar_names(subject, entity.name):
+                return Grade(0.5, f"the right value, but the name misspelt: {subject}, asked about {entity.name}", False)
+            return Grade(0.2, f"wrong: the right value, said of {subject or 'something else'}, asked about "
+                              f"{entity.name}", False)
         if rambles(text, ideal):
             return Grade(0.6, "correct but rambling", True)
         if ideal.startswith(text):

@@ -254,6 +254,10 @@ BAD_AND_ODD = [
     ("How many legs does a spider have?", "A spider has many legs.", False, 0.2, 0.2),
     ("What continent is France on?", "Spain is in Europe.", False, 0.1, 0.3),           # right value, wrong country
     ("What continent is France on?", "France is in Europe, like Spain.", True, 0.8, 0.95),
+    ("What continent is France on?", "Frantistador is in Europe.", False, 0.2, 0.2),     # a name nobody asked
+    ("What continent is France on?", "Paris is in Europe.", False, 0.2, 0.2),            # nor a capital's
+    ("What continent is France on?", "Frence is in Europe.", False, 0.5, 0.5),           # a misspelt name
+    ("What does a goose eat?", "Geese eat clover.", True, 0.8, 0.95),                    # the plural names it
     ("What does an owl eat?", "An owl eats mice.", True, 1.0, 1.0),                    # the value names an animal
     ("How many legs has a parrot got?", "A turkey has 2 legs.", False, 0.1, 0.3),
     ("How many legs has a parrot got?", "Parrots have 2 legs.", True, 0.8, 0.95),
