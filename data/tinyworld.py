@@ -299,9 +299,8 @@ def names_entity(text, entity):
 def subject_in_form(text, entity, attribute):
     """What stands where the ideal sentence names the entity, if the text is the ideal sentence with
     something else there ("Pantistador" in "Pantistador is in Oceania."), without its article; or None."""
-    ideal, named = answer_sentence(entity, attribute), entity.subject()
-    for subject in (named, named[0].upper() + named[1:], ("an " if entity.name[0] in "aeiou" else "a ") + entity.name,
-                    ("An " if entity.name[0] in "aeiou" else "A ") + entity.name):
+    ideal, fields = answer_sentence(entity, attribute), entity.fields()
+    for subject in (fields[key] for key in ("c", "C", "a", "A") if key in fields):   # "the Netherlands", "An owl"
         if subject in ideal:
             before, after = ideal.split(subject, 1)
             found = re.match(re.escape(before) + r"(.+?)" + re.escape(after), text)
