@@ -1139,10 +1139,8 @@ class World:
                 done = text.count("\n") / max(1, ideal.count("\n"))
                 return Grade(round(0.1 + 0.2 * done, 3), "cut off before the final answer", False)
             miscopied = None if shows_steps else equation_of_another_problem(text)
-            if miscopied and miscopied[1] == result:
-                return Grade(0.6, f"the right result, written as another problem's ({miscopied[0]})", True)
             if miscopied:
-                return Grade(0.0, f"wrong: answers another problem ({miscopied[0]}), expected {result}", False)
+                return grade_miscopied(miscopied, result, wrong_score=0.0)
             return Grade(0.0, "no final answer", False)
         if stated != result:
             in_form = re.search(rf"(?<!\d){a} [-+*] {b} = ", text) is not None
@@ -1168,15 +1166,11 @@ class World:
         outside = re.sub(re.escape(CALC) + r".*?(" + re.escape(END_RESULT) + r"|$)", " ", text, flags=re.DOTALL)
         stated = stated_result(outside, a, "*", b)
         if stated is None:
-            # "579 * 963 = 555387." after the call for 679 * 963 answers a miscopied problem: wrong, and
-            # below a wrong result of the right problem, as with sums. "679 * 936 = 653877." gives the
-            # right number under a typo: right, but no better than leaving the result unstated.
+            # "579 * 963 = 555387." after the call for 679 * 963 answers a miscopied problem: below a
+            # wrong result of the right problem, as with sums.
             miscopied = equation_of_another_problem(outside)
-            if miscopied and miscopied[1] == result:
-                return Grade(0.6, f"the right result, written as another problem's ({miscopied[0]})", True)
             if miscopied:
-                return Grade(0.2 if right_call else 0.1 if call else 0.0,
-                             f"wrong: answers another problem ({miscopied[0]}), expected {result}", False)
+                return grade_miscopied(miscopied, result, wrong_score=0.2 if right_call else 0.1 if call else 0.0)
             if call and right_call and call.group(3) and call.group(2).strip() == str(result):
                 return Grade(0.6, "the calculator gave the answer but the response never states it", True)
             if call and not call.group(3):
@@ -1250,6 +1244,16 @@ def equation_of_another_problem(text):
     problem: the answer to a miscopied question ("8 + 42 = 114." asked 8 + 32), as (equation, N); or None."""
     found = re.findall(r"(?<!\d)(\d+\s*(?:[-+*×]|plus|minus|times)\s*\d+\s*=\s*(-?\d+))", text)
     return (found[-1][0], int(found[-1][1])) if found else None
+
+
+def grade_miscopied(miscopied, result, wrong_score):
+    """An answer to a miscopied problem is wrong (wrong_score), unless its number is the asked result
+    ("679 * 936 = 653877." for 679 * 963): the right number under a typo, right but no better than a
+    result left unstated."""
+    equation, number = miscopied
+    if number == result:
+        return Grade(0.6, f"the right result, written as another problem's ({equation})", True)
+    return Grade(wrong_score, f"wrong: answers another problem ({equation}), expected {result}", False)
 
 
 def parse_json_object(text):
