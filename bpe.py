@@ -446,6 +446,11 @@ class Tokenizer:
         try:
             with os.fdopen(handle, "w", encoding="utf-8") as file:
                 file.write("\n".join(lines) + "\n")
+                file.flush()
+                os.fsync(file.fileno())   # on disk before it takes the old file's place
+            umask = os.umask(0)   # mkstemp makes the file private (0600): give it an ordinary new file's mode
+            os.umask(umask)
+            os.chmod(temporary, 0o666 & ~umask)
             os.replace(temporary, path)
         except BaseException:
             os.unlink(temporary)

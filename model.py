@@ -100,9 +100,10 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         if cache is not None:
             k, v = cache.append(k, v)  # now the keys/values of every token so far, not just these T
-        # Without a mask, the T queries are the last T of the keys: T > 1 (training, or the prompt
-        # at the start of generation) needs the causal mask; T == 1 (one new token) sees everything.
-        # With left-padded prompts, `attn_mask` (True = may attend) also hides the padding.
+        # Without a mask: T == 1 (one new token) sees every key. T > 1 comes only with no keys before
+        # these T (training, or the prompt at the start of generation), and is_causal lets query i see
+        # keys 0..i, which counts from the first key: T new tokens after a filled cache would need an
+        # explicit mask. With left-padded prompts, `attn_mask` (True = may attend) also hides the padding.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
                                            dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
@@ -726,6 +727,8 @@ def atomic_path(path):
     os.close(handle)
     try:
         yield temporary
+        with open(temporary, "rb") as written:   # on disk before it takes the old file's place
+            os.fsync(written.fileno())
         # mkstemp makes the file private (0600); give it the mode an ordinary new file would have
         umask = os.umask(0)
         os.umask(umask)
@@ -819,8 +822,10 @@ def load_checkpoint(path, stages=None):
     except Exception as error:  # torch raises many kinds here: a zip error, an unpickling error, EOF
         reason = str(error).splitlines()[0][:120] if str(error) else type(error).__name__
         raise UsageError(f"{path} is damaged or not a checkpoint ({reason}); delete it and run its stage again") from None
+    if not isinstance(checkpoint, dict):
+        raise UsageError(f"{path} is not a checkpoint of this project (it holds a {type(checkpoint).__name__})")
     missing = [key for key in ("stage", "model_config", "model", "tokenizer") if key not in checkpoint]
-    if not isinstance(checkpoint, dict) or missing:
+    if missing:
         raise UsageError(f"{path} is not a checkpoint of this project (missing {', '.join(missing)})")
     if stages and checkpoint["stage"] not in stages:
         raise UsageError(f"{path} is a '{checkpoint['stage']}' checkpoint, but this needs "
@@ -996,6 +1001,12 @@ def prompt_room(block_size, max_new_tokens):
     return max(block_size - min(max_new_tokens, block_size // 2), 1)
 
 
+def cut_prompt(ids, room):
+    """A rendered prompt of at most `room` tokens: its end (where the question is), behind its first
+    token, the <|user|> that opens the turn, so a cut prompt still reads as a turn."""
+    return ids if len(ids) <= room else ids[:1] + ids[len(ids) - room + 1:]
+
+
 def chat_responses(model, tokenizer, prompts, temperature=0.0, max_new_tokens=128, seed=None,
                    batch_size=64, top_k=None, top_p=None):
     """Answer each prompt as a one-turn chat; returns the assistant's text (up to its answer_stops).
@@ -1005,7 +1016,7 @@ def chat_responses(model, tokenizer, prompts, temperature=0.0, max_new_tokens=12
     rendered = []
     for prompt in prompts:
         ids, _ = render_chat(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True)
-        rendered.append(ids[-keep:])
+        rendered.append(cut_prompt(ids, keep))
     responses = []
     for start in range(0, len(rendered), batch_size):
         batch_seed = None if seed is None else seed + start

@@ -1,6 +1,7 @@
 """Tests for bpe.py: exact round trips, the fast trainer against the plain one, GPT-2 files, chat masks."""
 
 import json
+import os
 import random
 import re
 import sys
@@ -205,6 +206,9 @@ def test_save_load_gives_identical_encodings(tokenizer, tmp_path):
     line = json.dumps([*first_merge[0], first_merge[1], left, right], ensure_ascii=False)
     assert line in path.read_text(encoding="utf-8").splitlines()[7]
     assert [p.name for p in path.parent.iterdir()] == ["tokenizer.json"]   # no temporary left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask   # an ordinary file, not the temporary's private one
 
 
 def test_damaged_tokenizer_files_are_one_line_errors(tokenizer, tmp_path):

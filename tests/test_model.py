@@ -396,6 +396,12 @@ def test_checkpoint_error_paths(tmp_path, make_checkpoint, tiny_tokenizer):
     (tmp_path / "text.pt").write_text("not a checkpoint")
     with pytest.raises(UsageError, match="damaged"):
         load_checkpoint(str(tmp_path / "text.pt"))
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")   # a loadable file that is not a checkpoint
+    with pytest.raises(UsageError, match="not a checkpoint of this project"):
+        load_checkpoint(str(tmp_path / "tensor.pt"))
+    torch.save({"model": {}}, tmp_path / "partial.pt")
+    with pytest.raises(UsageError, match="missing stage, model_config, tokenizer"):
+        load_checkpoint(str(tmp_path / "partial.pt"))
     small = make_checkpoint(tmp_path / "small.pt", "pretrain", vocab_size=tiny_tokenizer.vocab_size - 10)
     with pytest.raises(UsageError, match="do not belong together"):
         load_checkpoint(small)
