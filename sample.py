@@ -43,7 +43,7 @@ import torch
 
 from bpe import MESSAGE_PREFIX, UsageError, render_chat, response_text
 from model import (Generation, answer_stops, atomic_path, autocast, chat_responses, check_same_tokenizer,
-                   choose_device, load_checkpoint, load_model, one_thread_on_cpu, prompt_room, run_cli, write_json)
+                   choose_device, cut_prompt, load_model, one_thread_on_cpu, prompt_room, run_cli, write_json)
 
 CHAT_STAGES = ("sft", "rlhf")
 GENERATING_STAGES = ("pretrain", "sft", "rlhf")   # the reward model scores; it does not write
@@ -91,8 +91,9 @@ class Config:
     retrieve_k: int = field(default=2, metadata={"help": "how many passages retrieval puts in the prompt (2: the "
                                                          "tiny world has two per country; a third, about another "
                                                          "country, misleads the small model: README)"})
-    index: str = field(default="", metadata={"help": "retrieval index file (.npz): loaded if it exists, "
-                                                     "else built and saved there"})
+    index: str = field(default="", metadata={"help": "retrieval index file (.npz): loaded if it exists (it must "
+                                                     "hold the same passages and --embedding), else built and "
+                                                     "saved there"})
     json: bool = field(default=False, metadata={"help": "constrain the answer to valid JSON"})
     schema: str = field(default="", metadata={"help": "--json: comma-separated fields the top-level object "
                                                       "must have, e.g. name,capital"})
@@ -128,6 +129,12 @@ def schema_fields(schema):
     fields = [name.strip() for name in schema.split(",")]
     if not all(fields):
         raise UsageError(f"--schema {schema!r}: expected comma-separated field names, e.g. name,capital")
+    # The JSON mask compares keys as the model writes them, so a name must read the same in JSON as in
+    # the option: no character that JSON would escape (quotes, backslashes, control or non-ASCII ones)
+    for name in fields:
+        if json.dumps(name)[1:-1] != name:   # (json.dumps escapes every non-ASCII character too)
+            raise UsageError(f"--schema: field {name!r} needs escaping in JSON; use plain ASCII names, "
+                             f"e.g. name,capital")
     return fields
 
 
@@ -153,18 +160,10 @@ def default_checkpoint(config):
                      "reward.py, rlhf.py), or pass --ckpt PATH")
 
 
-def world_for(checkpoint):
-    """The tiny world a checkpoint's lineage was trained on: pretraining records the world's settings in
-    its args, and each later stage points back to its parent checkpoint."""
+def tiny_world():
+    """The tiny world every default stage trains on (imported only by the commands that need it)."""
     from data.tinyworld import World
-    from sft import world_arguments
-    for _ in range(8):
-        parent = checkpoint.get("parent") or {}
-        path = parent.get("path") if isinstance(parent, dict) else None
-        if checkpoint.get("stage") == "pretrain" or not path or not os.path.isfile(path):
-            break
-        checkpoint = load_checkpoint(path)
-    return World(**world_arguments(checkpoint))
+    return World()
 
 
 # -----------------------------------------------------------------------------------------------
@@ -251,6 +250,9 @@ def generate_answers(model, tokenizer, prompts, sampling, stop_tokens, on_token=
             expression = tool_call_expression(tokenizer, answers[i])
             result = calculator_result(expression) if calls[i] <= MAX_TOOL_CALLS else "error: too many calculator calls"
             inserted = tokenizer.encode(result) + [result_end]
+            # a result near the end of the context or the budget is cut there, like any answer that runs out
+            inserted = inserted[:min(sampling.max_new_tokens - len(answers[i]),
+                                     block_size - len(prompts[i]) - len(answers[i]))]
             answers[i] += inserted
             logprobs[i] += [None] * len(inserted)
             if on_token is not None:
@@ -285,7 +287,7 @@ def chat_prompt(tokenizer, messages, block_size, max_new_tokens):
     while True:
         ids, _ = render_chat(tokenizer, messages, add_generation_prompt=True)
         if len(ids) <= room or len(messages) == 1:
-            return ids[-room:], messages, dropped
+            return cut_prompt(ids, room), messages, dropped
         # Drop the oldest user turn together with the assistant's answer to it.
         cut = 2 if len(messages) > 2 and messages[1]["role"] == "assistant" else 1
         messages, dropped = messages[cut:], dropped + 1
@@ -403,7 +405,7 @@ def chat(config, model, tokenizer, checkpoint, path, retriever):
         how = "chat"
     print(f"{path}: {stage} model, {model.num_parameters() / 1e6:.2f}M parameters, context {block_size} tokens. "
           f"{how}. Commands: /reset /quit /temperature X")
-    world = world_for(checkpoint) if stage == "pretrain" and config.fewshot else None
+    world = tiny_world() if stage == "pretrain" and config.fewshot else None
     messages = []
     while True:
         try:
@@ -433,7 +435,7 @@ def chat(config, model, tokenizer, checkpoint, path, retriever):
             else:
                 print(f"(unknown command {command}: try /reset, /quit or /temperature X)")
             continue
-        sampling.seed = None if config.seed is None else sampling.seed + 1   # a new draw each turn
+        sampling.seed += 1   # a new draw each turn
         stream = TextStream(tokenizer, message=stage != "pretrain")
         if stage == "pretrain":
             complete_document(model, tokenizer, line, sampling, world, stream)
@@ -475,7 +477,7 @@ def complete_document(model, tokenizer, text, sampling, world, stream=None):
 def answer_prompt(model, tokenizer, checkpoint, question, sampling, config, retriever=None, num_samples=1):
     """num_samples answers to one question, from any generating stage."""
     if checkpoint["stage"] == "pretrain":
-        world = world_for(checkpoint) if config.fewshot else None
+        world = tiny_world() if config.fewshot else None
         answers = []
         for k in range(num_samples):
             seeded = Sampling(**{**sampling.__dict__, "seed": None if sampling.seed is None else sampling.seed + k})
@@ -662,11 +664,17 @@ def checked(value):
 
 
 def format_number(value):
-    """Integers exactly; other values as decimals to 6 places, without trailing zeros."""
+    """Integers exactly; other values as decimals rounded to 6 places, without trailing zeros. The
+    rounding is done on the fraction itself, not a float, so a large value keeps every digit; a value
+    too small to show in 6 places is written as its fraction (1/3000000)."""
     if value.denominator == 1:
         return str(value.numerator)
-    text = f"{float(value):.6f}".rstrip("0").rstrip(".")
-    return "0" if text in ("-0", "") else text
+    millionths = round(abs(value) * 10 ** 6)
+    if millionths == 0:
+        return f"{value.numerator}/{value.denominator}"
+    whole, fraction = divmod(millionths, 10 ** 6)
+    text = f"{whole}.{fraction:06d}".rstrip("0").rstrip(".")
+    return "-" + text if value < 0 else text
 
 
 def calculate(text):
@@ -1221,9 +1229,14 @@ def make_retriever(config, model, tokenizer, checkpoint, embedding=None):
     if not (config.retrieval or config.docs):
         return None
     embedding = embedding or config.embedding
+    documents = read_documents(config.docs) if config.docs else tiny_world().retrieval_documents()
     if config.index and os.path.isfile(config.index):
-        return Retriever.load(config.index, model, tokenizer)
-    documents = read_documents(config.docs) if config.docs else world_for(checkpoint).retrieval_documents()
+        retriever = Retriever.load(config.index, model, tokenizer)
+        # the index saves embedding the passages again, not reading them: check it holds these ones
+        if retriever.embedder.name != embedding or retriever.chunks != split_chunks(documents):
+            raise UsageError(f"--index {config.index} holds other passages or another --embedding than this "
+                             f"command's; delete it to rebuild, or give another --index")
+        return retriever
     embedder = TfidfEmbedder() if embedding == "tfidf" else ModelEmbedder(model, tokenizer)
     retriever = Retriever.build(documents, embedder)
     if config.index:
@@ -1447,7 +1460,7 @@ def report(config, device):
         raise UsageError(f"no checkpoint in {config.out_dir}/: run `python pretrain.py` first (then sft.py, "
                          "reward.py, rlhf.py)")
     started = time.time()
-    world = world_for(load_checkpoint(stage_path(config.out_dir, stages[0])))
+    world = tiny_world()
     tasks = report_tasks(world, config.report_limit)
     families = [name for name in FAMILIES if family(tasks, name)]
     metrics = {}

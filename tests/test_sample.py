@@ -180,6 +180,11 @@ def test_chat_prompt_keeps_whole_turns():
     assert kept == messages[2:] and dropped == 1 and len(ids) <= 30
     ids, kept, dropped = sample.chat_prompt(tokenizer, messages, block_size=100, max_new_tokens=10)
     assert kept == messages and dropped == 0
+    # one message too long for the context keeps its end, behind the <|user|> that opens the turn
+    long = [{"role": "user", "content": "x" * 50 + " the question?"}]
+    ids, kept, dropped = sample.chat_prompt(tokenizer, long, block_size=40, max_new_tokens=10)
+    assert len(ids) == 30 and ids[0] == tokenizer.special_tokens["<|user|>"]
+    assert tokenizer.decode(ids[1:]).endswith("the question?<|end|><|assistant|>")
 
 
 # --- compare and best-of-N ---------------------------------------------------------------------
@@ -286,6 +291,8 @@ def test_unknown_option_values_and_an_empty_prompt_are_refused(tmp_path, make_ch
                          (dict(prompt="hi", temperature=-1.0), "--temperature"), (dict(prompt="hi", top_p=1.5), "--top_p"),
                          (dict(prompt="hi", best_of=1), "--best_of"), (dict(compare=True), "--compare needs --prompt"),
                          (dict(prompt="hi", schema="a,,b", json=True), "--schema"),
+                         (dict(prompt="hi", schema="name,prénom", json=True), "needs escaping"),
+                         (dict(prompt="hi", schema='a"b', json=True), "needs escaping"),
                          (dict(prompt="hi", schema="a"), "--schema only applies with --json"),
                          (dict(prompt="hi", docs=str(tmp_path / "missing.txt")), "no such file"),
                          (dict(out_dir=str(tmp_path / "empty"), prompt="hi"), "run `python pretrain.py` first")]:

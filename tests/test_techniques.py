@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import sample
-from bpe import render_chat, response_text
+from bpe import UsageError, render_chat, response_text
 from model import Generation, load_model, one_thread_on_cpu
 from sample import (JsonPrefix, Retriever, Sampling, TfidfEmbedder, ModelEmbedder, calculate, calculator_result,
                     generate_answers, json_prefix_ok, split_chunks)
@@ -35,6 +35,9 @@ from sample import (JsonPrefix, Retriever, Sampling, TfidfEmbedder, ModelEmbedde
     ("0.1 + 0.2", "0.3"),                  # exact: no floating-point 0.30000000000000004
     ("123456789012345678901234567890 * 987654321", str(123456789012345678901234567890 * 987654321)),
     ("  12  ", "12"),
+    ("100000000000000000000 / 3", "33333333333333333333.333333"),   # rounded exactly, not through a float
+    ("-2 / 3", "-0.666667"),
+    ("1 / 3000000", "1/3000000"),           # too small for 6 places: the exact fraction, not "0"
 ])
 def test_calculator_computes(expression, expected):
     assert calculate(expression) == expected
@@ -331,9 +334,13 @@ def test_retrieval_puts_the_passage_in_the_prompt_and_keeps_its_index(tmp_path, 
     sample.main(config)
     assert index.exists()
     assert "Passage 1: Vesk is a river city" in tokenizer.decode(recorded_prompts[-1])
-    docs.write_text("Nothing useful here.")   # a saved index is used as it is
-    sample.main(config)
+    sample.main(config)   # the saved index, loaded
     assert "Passage 1: Vesk is a river city" in tokenizer.decode(recorded_prompts[-1])
+    docs.write_text("Nothing useful here.")   # an index of other passages is refused, not used
+    with pytest.raises(UsageError, match="holds other passages"):
+        sample.main(config)
+    with pytest.raises(UsageError, match="another --embedding"):
+        sample.main(sample.Config(**{**config.__dict__, "embedding": "model"}))
 
 
 def test_cot_asks_for_the_steps(tmp_path, make_checkpoint, recorded_prompts):
