@@ -39,9 +39,9 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from model import (Progress, UsageError, autocast, by_length, check_same_tokenizer,
-                   choose_device, load_checkpoint, load_model, plot_curves, render_chat, response_text, run_cli,
-                   save_checkpoint, set_seed, write_json)
+from model import (Progress, StopRequest, UsageError, answer_stops, autocast, by_length, check_same_tokenizer,
+                   choose_device, cut_prompt, load_checkpoint, load_model, plot_curves, render_chat, response_text,
+                   run_cli, save_checkpoint, set_seed, write_json)
 from sample import Sampling, chat_answers, generate_answers, tasks_as_asked
 
 # -----------------------------------------------------------------------------------------------
@@ -157,11 +157,13 @@ class Rollout:
 
 
 def prompt_ids(tokenizer, prompt, block_size, max_new_tokens):
-    """The user turn + <|assistant|>, as chat_responses renders it. A prompt too long for the context
-    keeps its last tokens (the question is at the end), leaving room for at least a quarter of the
-    context of answer; an answer that then fills the context is cut off there (stopped = False)."""
+    """The user turn + <|assistant|>. A prompt too long for the context keeps its last tokens (the question
+    is at the end), leaving room for at least a quarter of the context of answer, where chat_responses
+    leaves half (model.prompt_room): the RL split's longest retrieval prompts (139 tokens at context 256)
+    then stay whole; the held-out ones are all shorter than 128. An answer that fills the context is cut
+    off there (stopped = False)."""
     ids, _ = render_chat(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True)
-    return ids[-(block_size - min(max_new_tokens, block_size // 4)):]
+    return cut_prompt(ids, block_size - min(max_new_tokens, block_size // 4))
 
 
 def pad_sequences(sequences, action_masks, device):
@@ -186,14 +188,14 @@ def sample_rollout(policy, tokenizer, prompts, samples_per_prompt, max_new_token
     (<|calc|> 23 * 45 <|result|>) the tool writes the result and the policy goes on. Those tokens are in
     the sequence, for the policy to read, but it did not choose them: the action mask leaves them out
     of the policy gradient and of the KL, as render_chat's train mask leaves them out of SFT."""
-    end = tokenizer.special_tokens["<|end|>"]
     rendered = [prompt_ids(tokenizer, p, policy.config.block_size, max_new_tokens) for p in prompts]
     repeated = [ids for ids in rendered for _ in range(samples_per_prompt)]
     generations = [None] * len(repeated)
     for number, group in enumerate(by_length(repeated, micro_batch)):
         sampling = Sampling(max_new_tokens=max_new_tokens, temperature=1.0, seed=seed * 1000 + number, tool=tool)
         details = []
-        generate_answers(policy, tokenizer, [repeated[i] for i in group], sampling, (end,), details=details)
+        generate_answers(policy, tokenizer, [repeated[i] for i in group], sampling, answer_stops(tokenizer),
+                         details=details)
         for i, generation in zip(group, details):
             generations[i] = generation
     tokens = [g.tokens for g in generations]
@@ -327,12 +329,12 @@ def per_token_rewards(scores, policy_logprobs, reference_logprobs, mask, kl_coef
     return rewards + last.float() * scores[:, None]
 
 
-def gae_advantages(rewards, values, mask, gamma=1.0, lam=0.95):
+def gae_advantages(rewards, values, mask, gamma=1.0, lam=1.0):
     """Generalised advantage estimation (Schulman et al. 2016), going backwards over the completion:
     delta_t = r_t + gamma V_{t+1} - V_t;  A_t = delta_t + gamma lambda A_{t+1}; V after the end is 0.
     lambda = 1 is the plain Monte-Carlo return minus V (unbiased, noisy); lower trusts V more. Measured
     here: with a value head that starts at zero, lambda = 0.95 lays a bad completion's blame on its last
-    tokens, its <|end|> above all, and the policy learns to ramble instead; the default is 1.
+    tokens, its <|end|> above all, and the policy learns to ramble instead; hence 1 here and in --gae_lambda.
     Returns (advantages, returns = advantages + values), zero outside the mask."""
     advantages = torch.zeros_like(rewards)
     next_value = torch.zeros_like(rewards[:, 0])
@@ -425,6 +427,12 @@ def diversity(token_lists, samples_per_prompt):
 
 # -----------------------------------------------------------------------------------------------
 # Evaluation
+
+def heldout_prompts(world):
+    """Every held-out prompt, bare and as asked (after its passages or "Let's think step by step.")."""
+    tasks = world.tasks("eval")
+    return frozenset([task.prompt for task in tasks] + [task.prompt for task in tasks_as_asked(world, tasks)])
+
 
 def oracle_scores(world, prompts, responses):
     return [world.score(prompt, response)[0] for prompt, response in zip(prompts, responses)]
@@ -550,13 +558,13 @@ def ppo_update(policy, value_head, optimizer, rollout, rewards, reference_logpro
         advantages, returns = gae_advantages(token_rewards, old_values, mask, gamma=1.0, lam=config.gae_lambda)
         advantages = whiten(advantages, mask)   # one scale for every batch: a steadier step size
     rows = len(rollout.sequences)
-    size = max(rows // max(config.ppo_minibatches, 1), 1)
     generator = torch.Generator().manual_seed(config.seed * 100_003 + step)   # minibatch order, per step
     losses, value_losses, clip_fractions = [], [], []
     for _ in range(config.ppo_epochs):
         order = torch.randperm(rows, generator=generator).to(device)
-        for start in range(0, rows, size):
-            chosen = order[start:start + size]
+        for chosen in torch.tensor_split(order, config.ppo_minibatches):   # sizes differ by one at most
+            if len(chosen) == 0:
+                continue
             logprobs, values = forward(chosen.tolist())
             policy_loss, clip_fraction = ppo_policy_loss(logprobs, old_logprobs[chosen], advantages[chosen],
                                                          mask[chosen], config.clip_range)
@@ -593,7 +601,9 @@ def dpo_step(policy, reference, optimizer, tokenizer, pairs, config):
     loss.backward()
     clip_gradients(policy, None, config.grad_clip)
     optimizer.step()
-    return {"loss": loss.item(), "accuracy": (chosen > rejected).float().mean().item(),
+    # a tie counts half, as in reward.py: at the first step policy = reference and every pair ties
+    accuracy = ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).mean().item()
+    return {"loss": loss.item(), "accuracy": accuracy,
             "margin": (chosen - rejected).mean().item(), "tokens": int(mask.sum().item())}
 
 
@@ -699,10 +709,16 @@ def main(config: Config) -> dict:
             raise UsageError(f"{data_path} not found: run `python reward.py` first (it writes the comparisons), "
                              f"or pass --data FILE.jsonl")
         comparisons, _ = read_preferences(data_path)
-        pairs = preference_pairs(comparisons)
+        # reward.py ranks answers to the held-out prompts too, to measure its reward model on them; DPO
+        # learns from rankings directly, so those must stay out or it would train on the test it is graded by
+        heldout = heldout_prompts(world)
+        training = [c for c in comparisons if c.prompt not in heldout]
+        pairs = preference_pairs(training)
         if not pairs:
-            raise UsageError(f"{data_path}: every ranking is a tie; there is no preference to learn from")
-        print(f"dpo: {len(pairs)} preference pairs from {len(comparisons)} rankings in {data_path}")
+            raise UsageError(f"{data_path}: no ranking of a training prompt has a preference to learn from "
+                             f"(ties make no pair; held-out prompts are left out)")
+        print(f"dpo: {len(pairs)} preference pairs from {len(training)} rankings in {data_path} "
+              f"({len(comparisons) - len(training)} rankings of held-out prompts left out)")
     demonstrations = None   # --sft_coef: the SFT conversations, and the batch of them each step trains on
     if config.sft_coef > 0 and config.algo != "dpo":
         # the tiny world's SFT conversations; with --pretrain_mix, rows of its pretraining corpus too, cut
@@ -741,7 +757,10 @@ def main(config: Config) -> dict:
         if state.get("reward", "model") != config.reward:
             raise UsageError(f"{rlhf_path} was trained with --reward {state.get('reward', 'model')}; resume with that")
         policy.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        rates = [group["lr"] for group in optimizer.param_groups]
+        optimizer.load_state_dict(state["optimizer"])   # (this restores the saved rates too)
+        for group, rate in zip(optimizer.param_groups, rates):
+            group["lr"] = rate   # the rates of this command's options, which may extend a run differently
         if value_head is not None:
             value_head.load_state_dict(state["value_head"])
         history, first_step, before = state["history"], state["step"], state["before"]
@@ -760,10 +779,14 @@ def main(config: Config) -> dict:
     max_iters = config.max_iters or DEFAULT_ITERS[config.algo]
     train_start = time.time()
     progress = Progress(max_iters, prefix=f"rlhf {config.algo} ")
-    completed, interrupted = first_step, False
+    completed = first_step
     policy.eval()   # eval mode = no dropout: the log-probabilities must be the sampler's
-    try:
+    # Ctrl-C (StopRequest) lets the current step finish, so a PPO step's updates are never cut in half
+    # and --resume starts from a whole step; then the model is saved
+    with StopRequest() as stop:
         for step in range(first_step, max_iters):
+            if stop.requested:
+                break
             if config.algo == "dpo":
                 line = dpo_step(policy, reference, optimizer, tokenizer,
                                 batch_of(pairs, step, config.dpo_batch_size, config.seed), config)
@@ -777,19 +800,28 @@ def main(config: Config) -> dict:
             shown = {key: line[key] for key in ("reward", "oracle", "kl", "loss", "accuracy") if key in line}
             completed = step + 1
             progress.update(completed, tokens=line["tokens"], **shown)
-    except KeyboardInterrupt:
-        interrupted = True
-        print(f"\ninterrupted after step {completed}: saving {rlhf_path}; continue with --resume")
     progress.close()
+    interrupted = completed < max_iters
+    if interrupted:
+        print(f"interrupted after step {completed}: saving {rlhf_path}; continue with --resume")
     train_seconds = time.time() - train_start
 
     # --- after: the same evaluation
     metrics = {"algo": config.algo, "reward": config.reward, "steps": completed, "kl_coef": config.kl_coef}
     metrics.update({f"sft/{key}": value for key, value in before.items()})
+    after = None
     if not interrupted:
-        after = evaluate_heldout(policy, tokenizer, world, tasks, config.max_new_tokens, config.seed,
-                                 config.eval_samples)
-        after.update(sample_report(policy, reference, tokenizer, reward_fn, world, report_prompts, config, config.seed))
+        try:
+            after = evaluate_heldout(policy, tokenizer, world, tasks, config.max_new_tokens, config.seed,
+                                     config.eval_samples)
+            after.update(sample_report(policy, reference, tokenizer, reward_fn, world, report_prompts, config,
+                                       config.seed))
+        except KeyboardInterrupt:
+            interrupted = True
+            print(f"\ninterrupted during evaluation: saving {rlhf_path} without its figures; "
+                  f"`--resume` evaluates it", file=sys.stderr)
+    metrics["interrupted"] = int(interrupted)
+    if after is not None:
         metrics.update({f"rlhf/{key}": value for key, value in after.items()})
         for mode in ("greedy", "temp1"):
             old, new = before[f"{mode}/score/all"], after[f"{mode}/score/all"]

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import signal
 
 import pytest
 import torch
@@ -344,19 +345,33 @@ def test_stage_writes_its_outputs_and_ctrl_c_then_resume_equals_uninterrupted(tm
     straight, _, checkpoint = load_model(str(tmp_path / "straight" / "rlhf.pt"), stages="rlhf")
     assert checkpoint["parent"]["stage"] == "sft"
 
-    # Ctrl-C during the second step: the first is saved, and --resume does the second
+    # Ctrl-C during the first step: that step finishes and is saved, and --resume does the second
     real_step = rlhf.rollout_step
 
     def interrupted_step(*args, **kwargs):
-        if kwargs.get("step", args[9] if len(args) > 9 else None) == 1:
-            raise KeyboardInterrupt
+        if kwargs.get("step", args[9] if len(args) > 9 else None) == 0:
+            os.kill(os.getpid(), signal.SIGINT)
         return real_step(*args, **kwargs)
 
+    handler_before = signal.getsignal(signal.SIGINT)
     monkeypatch.setattr(rlhf, "rollout_step", interrupted_step)
     partial = rlhf.main(tiny_config(tmp_path / "resumed", max_iters=2))
-    assert partial["steps"] == 1 and "rlhf/temp1/score/all" not in partial
+    assert partial["steps"] == 1 and partial["interrupted"] == 1 and "rlhf/temp1/score/all" not in partial
+    assert signal.getsignal(signal.SIGINT) is handler_before   # Ctrl-C is ordinary again
     monkeypatch.setattr(rlhf, "rollout_step", real_step)
-    rlhf.main(tiny_config(tmp_path / "resumed", max_iters=2, resume=True))
+
+    # Ctrl-C while the trained policy is evaluated: the model is saved all the same, without the figures
+    real_evaluate = rlhf.evaluate_heldout
+
+    def interrupted_evaluation(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rlhf, "evaluate_heldout", interrupted_evaluation)
+    trained = rlhf.main(tiny_config(tmp_path / "resumed", max_iters=2, resume=True))
+    assert trained["steps"] == 2 and trained["interrupted"] == 1 and "rlhf/temp1/score/all" not in trained
+    monkeypatch.setattr(rlhf, "evaluate_heldout", real_evaluate)
+    finished = rlhf.main(tiny_config(tmp_path / "resumed", max_iters=2, resume=True))   # evaluates it
+    assert finished["steps"] == 2 and finished["interrupted"] == 0 and "rlhf/temp1/score/all" in finished
     resumed, _, _ = load_model(str(tmp_path / "resumed" / "rlhf.pt"), stages="rlhf")
     for key, tensor in straight.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[key], tensor, atol=1e-6, rtol=0)
@@ -372,6 +387,30 @@ def test_ppo_and_dpo_stages_run(tmp_path, make_checkpoint):
                                "scores": [1.0, 0.0, 1.0]}) + "\n")
     metrics = rlhf.main(tiny_config(tmp_path, algo="dpo", max_iters=1))
     assert metrics["train/loss"] == pytest.approx(math.log(2), abs=1e-5)
+
+
+def test_dpo_never_trains_on_the_heldout_prompts_it_is_graded_on(tmp_path, make_checkpoint, world, monkeypatch):
+    """reward.py ranks answers to the held-out prompts too (to measure its reward model there); DPO,
+    which learns from the rankings themselves, must leave those out."""
+    make_checkpoint(tmp_path / "sft.pt", "sft")
+    heldout = rlhf.tasks_as_asked(world, world.tasks("eval"))[0].prompt
+    with open(tmp_path / "comparisons.jsonl", "w") as file:
+        file.write(json.dumps({"prompt": heldout, "completions": ["right", "wrong"], "ranking": [0, 1]}) + "\n")
+    with pytest.raises(UsageError, match="held-out prompts are left out"):
+        rlhf.main(tiny_config(tmp_path, algo="dpo", max_iters=1))
+    training = world.tasks("rl")[0].prompt
+    with open(tmp_path / "comparisons.jsonl", "a") as file:
+        file.write(json.dumps({"prompt": training, "completions": ["right", "wrong"], "ranking": [0, 1]}) + "\n")
+    seen = []
+    real_step = rlhf.dpo_step
+
+    def watched_step(policy, reference, optimizer, tokenizer, pairs, config):
+        seen.extend(pairs)
+        return real_step(policy, reference, optimizer, tokenizer, pairs, config)
+
+    monkeypatch.setattr(rlhf, "dpo_step", watched_step)
+    rlhf.main(tiny_config(tmp_path, algo="dpo", max_iters=1))
+    assert seen and {prompt for prompt, _, _ in seen} == {training}
 
 
 def test_the_oracle_can_be_the_reward_and_needs_no_reward_model(tmp_path, make_checkpoint):
