@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 
+import reward
 from bpe import UsageError
 from conftest import CALCULATOR_QUESTION
 from model import load_checkpoint, load_model, parse_config
@@ -301,6 +302,40 @@ def test_ctrl_c_saves_and_resume_matches_the_uninterrupted_run(tmp_path, make_ch
     assert resumed["heldout/pairwise_accuracy"] == pytest.approx(straight["heldout/pairwise_accuracy"])
 
 
+def test_ctrl_c_after_training_still_saves_the_model_and_resume_finishes_it(tmp_path, make_checkpoint, monkeypatch):
+    """Centring and evaluating a trained model take a while; a Ctrl-C then must not lose the training."""
+    sft = make_checkpoint(tmp_path / "sft.pt", "sft")
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in synthetic_preferences(30, seed=1)))
+
+    def config(name, **overrides):
+        return Config(out_dir=str(tmp_path / name), init_from=sft, data=str(data), device="cpu", max_iters=6,
+                      prompts_per_step=8, learning_rate=3e-3, eval_interval=10, examples=0, **overrides)
+
+    straight = main(config("run"))
+    calls = []
+    real_centre = reward.centre_rewards
+
+    def ctrl_c_after_training(*args):   # the first call centres the untrained model, the second the trained one
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_centre(*args)
+
+    monkeypatch.setattr(reward, "centre_rewards", ctrl_c_after_training)
+    interrupted = main(config("later"))
+    assert interrupted["interrupted"] == 1 and interrupted["steps"] == 6
+    assert "heldout/pairwise_accuracy" not in interrupted
+    monkeypatch.setattr(reward, "centre_rewards", real_centre)
+    finished = main(config("later", resume=True))   # no steps left: it centres and evaluates
+    assert finished["interrupted"] == 0 and finished["steps"] == 6
+    assert finished["heldout/pairwise_accuracy"] == pytest.approx(straight["heldout/pairwise_accuracy"])
+    straight_model = load_checkpoint(str(tmp_path / "run" / "reward.pt"))["model"]
+    finished_model = load_checkpoint(str(tmp_path / "later" / "reward.pt"))["model"]
+    for name, tensor in straight_model.items():
+        assert torch.allclose(tensor, finished_model[name], atol=1e-5), name
+
+
 def test_missing_and_wrong_stage_checkpoints_are_clear_errors(tmp_path, make_checkpoint):
     with pytest.raises(UsageError, match="sft.py"):
         main(Config(out_dir=str(tmp_path), device="cpu"))
@@ -370,6 +405,11 @@ def test_split_heldout_keeps_whole_prompts_apart():
     assert len(heldout) == 4 and len(train) == 16
     assert sorted(c.prompt for c in train + heldout) == sorted(c.prompt for c in comparisons)
     assert split_heldout(comparisons, 0.2, seed=3)[1] == heldout   # seeded: the same every run
+    # several pairs of one prompt (TRL's prompt/chosen/rejected lines) all land on the same side
+    pairs = [Comparison(f"p{i % 10}", [f"a{i}", "b"], [0, 1]) for i in range(30)]
+    train, heldout = split_heldout(pairs, 0.2, seed=3)
+    assert len({c.prompt for c in heldout}) == 2 and len(heldout) == 6
+    assert not {c.prompt for c in train} & {c.prompt for c in heldout}
 
 
 def test_logprob_baseline_is_the_mean_log_probability_of_the_response(tmp_path, make_checkpoint):
