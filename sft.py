@@ -682,15 +682,17 @@ def learning_rate_at(progress, warmup_fraction, peak):
     return peak * (0.1 + 0.45 * (1.0 + math.cos(math.pi * min(decay, 1.0))))
 
 
-def train(model, optimizer, config, batches, mix_stream, validation, device, step, history):
+def train(model, optimizer, config, batches, mix_stream, validation, device, step, history, seconds_before=0.0):
     """The loop: each step is one batch of conversations (loss on assistant tokens only) plus, when
-    --pretrain_mix > 0, a few rows of pretraining text. Returns (steps done, interrupted)."""
+    --pretrain_mix > 0, a few rows of pretraining text. seconds_before: training time an interrupted run
+    already spent, so a --max_time clock goes on from there. Returns (steps done, interrupted, seconds
+    of training in all)."""
     peak = config.lora_learning_rate if config.lora_rank > 0 else config.learning_rate
     warmup_fraction = config.warmup_iters / config.max_iters
     trainable = [p for p in model.parameters() if p.requires_grad]
     max_seconds = config.max_time * 60
     progress = Progress(config.max_iters, max_seconds or None, prefix="sft ")
-    started, interrupted = time.time(), False
+    started, interrupted = time.time() - seconds_before, False
     model.train()
     try:
         while True:
@@ -727,7 +729,7 @@ def train(model, optimizer, config, batches, mix_stream, validation, device, ste
         interrupted = True
         print(f"\ninterrupted at step {step}: saving what was learned so far; continue with --resume", file=sys.stderr)
     progress.close()
-    return step, interrupted
+    return step, interrupted, time.time() - started
 
 
 def check_config(config):
@@ -756,7 +758,7 @@ def main(config: Config) -> dict:
 
     # --- data ---
     from data.tinyworld import FAMILIES, World
-    world = World(**world_arguments(base_checkpoint))   # the prompts we evaluate on, and the default data
+    world = World()   # the prompts we evaluate on, and the default data
     conversations = (jsonl_conversations(config.data) if config.data
                      else world_conversations(world, config.reading_practice, config.calculator_practice))
     if config.show_example:   # the first conversation, and the first with a tool call if there is one
@@ -817,18 +819,20 @@ def main(config: Config) -> dict:
     peak = config.lora_learning_rate if config.lora_rank > 0 else config.learning_rate
     # No weight decay under LoRA: it would move the embedding rows that must stay frozen.
     optimizer = model.configure_optimizer(peak, weight_decay=0.0 if config.lora_rank > 0 else config.weight_decay)
-    step, history = 0, {"sft": [], "pretrain": [], "val": []}
+    step, history, seconds_before = 0, {"sft": [], "pretrain": [], "val": []}, 0.0
     if saved:
-        step = saved["step"]
-        model.load_state_dict(saved["weights"], strict=config.lora_rank == 0)
+        step, seconds_before = saved["step"], saved.get("train_seconds", 0.0)
+        missing, unexpected = model.load_state_dict(saved["weights"], strict=config.lora_rank == 0)
+        if unexpected or (config.lora_rank > 0 and any("lora_" in name for name in missing)):
+            raise UsageError(f"{sft_path}: its adapters do not fit this model; start afresh without --resume")
         optimizer.load_state_dict(saved["optimizer"])
         history = saved["history"]
         print(f"resuming at step {step}")
 
     # --- training ---
-    train_started = time.time()
-    step, interrupted = train(model, optimizer, config, batches, mix_stream, validation, device, step, history)
-    metrics.update({"steps": step, "seconds/train": round(time.time() - train_started, 1),
+    step, interrupted, train_seconds = train(model, optimizer, config, batches, mix_stream, validation, device,
+                                             step, history, seconds_before)
+    metrics.update({"steps": step, "seconds/train": round(train_seconds, 1),
                     "examples": len(examples), "truncated": truncated, "dropped": dropped,
                     "interrupted": int(interrupted), "lora_rank": config.lora_rank,
                     "base_precision": config.base_precision,
@@ -842,7 +846,7 @@ def main(config: Config) -> dict:
             weights = {name: tensor for name, tensor in weights.items()
                        if "lora_" in name or name in ("transformer.wte.weight", "lm_head.weight")}
         extra["resume"] = {"step": step, "weights": weights, "optimizer": optimizer.state_dict(),
-                           "history": history, "lora_rank": config.lora_rank,
+                           "history": history, "lora_rank": config.lora_rank, "train_seconds": train_seconds,
                            "base_metrics": base_metrics, "before": before}
     if config.lora_rank > 0:
         merge_lora(model)   # a plain GPT from here on: evaluation and later stages see no adapters
@@ -869,14 +873,24 @@ def main(config: Config) -> dict:
     return metrics
 
 
+# The options that shape the steps: a resumed run must take the same ones to be the run it continues.
+RESUME_MUST_MATCH = ("init_from", "data", "seed", "max_iters", "max_time", "batch_size", "learning_rate",
+                     "lora_learning_rate", "warmup_iters", "weight_decay", "pretrain_mix", "pretrain_mix_length",
+                     "pretrain_mix_coef", "pretrain_mix_data", "pretrain_mix_tokens", "lora_rank", "lora_layers",
+                     "lora_alpha", "base_precision", "reading_practice", "calculator_practice")
+
+
 def load_resume_state(sft_path, config):
     """The state an interrupted run left in its checkpoint."""
     checkpoint = load_checkpoint(sft_path, stages="sft")
     state = checkpoint.get("resume")
     if state is None:
         raise UsageError(f"{sft_path} finished training; there is nothing to resume (run without --resume to start over)")
-    if state["lora_rank"] != config.lora_rank:
-        raise UsageError(f"{sft_path} was interrupted with --lora_rank {state['lora_rank']}; resume with the same option")
+    saved_args = checkpoint.get("args") or {}
+    for name in RESUME_MUST_MATCH:
+        if name in saved_args and saved_args[name] != getattr(config, name):
+            shown = " ".join(saved_args[name]) if isinstance(saved_args[name], list) else saved_args[name]
+            raise UsageError(f"{sft_path} was interrupted with --{name} {shown}; resume with the same option")
     return state
 
 
@@ -891,12 +905,6 @@ def evaluate_sft(model, tokenizer, world, tasks, asked, config, before):
     greedy.update(technique_metrics(world, tasks, sft_technique_responses(model, tokenizer, tasks, asked)))
     show_answers(tasks, before, {task.prompt: answer for task, answer in zip(tasks, answers)})
     return {**greedy, **prefixed("temperature1/", sampled), "seconds/eval": round(time.time() - evaluation_started, 1)}
-
-
-def world_arguments(checkpoint):
-    """The SFT data must come from the same world the base model was pretrained on."""
-    args = checkpoint.get("args") or {}
-    return {key: args[name] for key, name in (("seed", "world_seed"), ("scale", "world_scale")) if name in args}
 
 
 def validation_batches(tokenizer, tasks, block_size, limit=256, batch_size=64):

@@ -281,6 +281,8 @@ def test_resume_after_ctrl_c_gives_the_uninterrupted_model(make_checkpoint, tmp_
     interrupted = sft.main(tiny_config(tmp_path / "parts", **settings))
     assert interrupted["interrupted"] == 1 and interrupted["steps"] == 6
     monkeypatch.setattr(sft, "learning_rate_at", learning_rate_at)
+    with pytest.raises(UsageError, match="--batch_size 8; resume with the same"):   # not the run it continues
+        sft.main(tiny_config(tmp_path / "parts", resume=True, **{**settings, "batch_size": 3}))
     resumed = sft.main(tiny_config(tmp_path / "parts", resume=True, **settings))
     assert resumed["steps"] == 12 and resumed["interrupted"] == 0
 
