@@ -26,7 +26,6 @@ import json
 import math
 import os
 import random
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -77,7 +76,8 @@ class Config:
                                                                "did no better)"})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "the cosine decays to this fraction of the peak"})
     warmup_iters: int = field(default=100, metadata={"help": "steps of linear warmup"})
-    lr_decay_iters: int = field(default=0, metadata={"help": "steps the cosine spans (0 = max_iters)"})
+    lr_decay_iters: int = field(default=0, metadata={"help": "steps the cosine spans (0 = max_iters); with --max_time "
+                                                             "the clock may end it sooner"})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (matrices only)"})
     grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0 = off)"})
     max_iters: int = field(default=20000, metadata={"help": "stop after this many optimizer steps"})
@@ -100,8 +100,8 @@ class Config:
     seed: int = field(default=1337, metadata={"help": "seeds the weights and every batch"})
 
 
-# A preset is a set of defaults for a kind of machine. Options given on the command line win: a
-# preset only replaces fields still at their dataclass default.
+# A preset is a set of defaults for a kind of machine. It replaces only the fields still at their
+# dataclass default, so an option given on the command line wins unless it was given its default value.
 PRESETS = {
     "cpu": {},
     "gpu": dict(n_layer=8, n_head=8, n_embd=512, block_size=512, batch_size=64, learning_rate=6e-4,
@@ -573,7 +573,7 @@ def train(config, rank, world_size, device, started):
     optimizer = model.configure_optimizer(config.learning_rate, weight_decay=config.weight_decay)
     step, elapsed_before, best, history = 0, 0.0, None, {key: [] for key in HISTORY_KEYS}
     if config.resume:
-        step, elapsed_before, best, history = restore(checkpoint_path, model, optimizer, model_config, corpus)
+        step, elapsed_before, best, history = restore(checkpoint_path, model, optimizer, model_config, corpus, config)
         say(f"resuming {checkpoint_path} at step {step} ({elapsed_before / 60:.1f} min trained)")
     raw_model = model
     if config.compile:
@@ -731,7 +731,9 @@ def agree(loss, seconds, stop_requested, world_size, rank, device):
 # -----------------------------------------------------------------------------------------------
 # Saving and resuming. pretrain.pt holds the best model for the later stages and, under "resume", the
 # latest weights, the optimizer's moments, the step and the clock: with batches derived from the step
-# number, that is all a resumed run needs to retrace the uninterrupted one exactly.
+# number, that is all a resumed run needs to retrace the uninterrupted one exactly, when the run counts
+# steps (--max_time 0). On the clock (the default) the learning rate follows the elapsed time, which no
+# two runs spend alike, so a resumed run sees the same batches at slightly different rates.
 
 def snapshot(model):
     return {name: tensor.detach().to("cpu", copy=True) for name, tensor in model.state_dict().items()}
@@ -755,11 +757,22 @@ def save(path, model, latest_weights, optimizer, tokenizer, config, step, second
                     args=dataclasses.asdict(config), metrics=metrics, extra={"resume": resume})
 
 
-def restore(path, model, optimizer, model_config, corpus):
+# The options that decide what each step does. --max_iters and --max_time may change on --resume: they
+# extend (or shorten) a run, and --lr_decay_iters keeps its schedule where it was.
+RESUME_MUST_MATCH = ("seed", "batch_size", "grad_accum", "learning_rate", "min_lr_ratio", "warmup_iters",
+                     "lr_decay_iters", "weight_decay", "grad_clip")
+
+
+def restore(path, model, optimizer, model_config, corpus, config):
     checkpoint = load_checkpoint(path, "pretrain")
     resume = checkpoint.get("resume")
     if not resume:
         raise UsageError(f"{path} holds no training state to resume (it was not written by pretrain.py)")
+    saved_args = checkpoint.get("args") or {}
+    for name in RESUME_MUST_MATCH:
+        if name in saved_args and saved_args[name] != getattr(config, name):
+            raise UsageError(f"{path} was trained with --{name} {saved_args[name]}; resume with the same option "
+                             f"(or start afresh without --resume)")
     # through GPTConfig, so that a checkpoint saved before a new config field existed gets its default
     if dataclasses.asdict(GPTConfig(**checkpoint["model_config"])) != dataclasses.asdict(model_config):
         raise UsageError(f"{path} was trained with another model shape ({checkpoint['model_config']}); "
