@@ -14,11 +14,11 @@ Three details matter on a model this small:
     (measured: questions about entities known from pretraining only, 10% right without, 80% with);
   - 3,000 "reading practice" conversations, each about a country invented for it alone, teach it to
     answer from a passage in its prompt: the world's own retrieval conversations recur over 40 countries,
-    few enough to memorise (measured: retrieval 0% without, 90-98% with).
+    few enough to memorise (measured: retrieval 0% without, 71-98% with, by base model: README).
 
 The talk's finetuning advice lives here too: `--lora_rank 8` trains small low-rank adapters while the
 GPT stays frozen (they fit more slowly than the whole model, and need a 10x larger learning rate to reach
-71-94% of full SFT's accuracy; they forget less of what pretraining taught), and
+67-94% of full SFT's accuracy; they forget less of what pretraining taught), and
 `--base_precision int8` holds that frozen part in 8 bits.
 
 Evaluation is the talk's comparison: the base model tricked into answering by a few-shot page against the
@@ -70,8 +70,8 @@ class Config:
     learning_rate: float = field(default=1e-3, metadata={"help": "peak learning rate for full finetuning"})
     lora_learning_rate: float = field(default=1e-2, metadata={"help": "peak learning rate when --lora_rank > 0 "
                                                                      "(adapters start at zero and need larger steps; "
-                                                                     "measured: 1e-2 reaches 86-94% of full SFT, "
-                                                                     "5e-3 84%)"})
+                                                                     "measured on one base: 1e-2 reached 94% of full "
+                                                                     "SFT, 5e-3 84%)"})
     warmup_iters: int = field(default=20, metadata={"help": "linear warmup steps, then cosine decay to 10%"})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (matrices only)"})
     grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0 = off)"})
@@ -100,7 +100,7 @@ class Config:
     eval_max_new_tokens: int = field(default=96, metadata={"help": "longest answer generated in evaluation"})
     reading_practice: int = field(default=3000, metadata={"help": "add N retrieval-layout conversations, each about a "
                                                                   "country invented for it alone, to the tiny world's "
-                                                                  "SFT pairs (0: none; measured: retrieval 0% -> 90-94%)"})
+                                                                  "SFT pairs (0: none; measured: retrieval 0% -> 71-98%)"})
     calculator_practice: int = field(default=0, metadata={
         "help": "add N calculator conversations (3-digit products no split asks) to the tiny world's 100 "
                 "(0: none; measured on a base whose SFT model did not copy the tool's result: with 150 or 300 "
