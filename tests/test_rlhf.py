@@ -261,6 +261,9 @@ def test_the_final_layernorm_has_a_learning_rate_of_its_own(policy_and_tokenizer
     assert len(rate) == len(list(policy.parameters()))   # every weight is trained, each once
     same = rlhf.make_optimizer(policy, None, rlhf.Config(learning_rate=1e-5, final_norm_learning_rate=0.0))
     assert {group["lr"] for group in same.param_groups} == {1e-5}   # 0: the rate of every other weight
+    for algo, expected in (("reinforce", 0.3), ("ppo", 0.3), ("dpo", 0.03)):   # not given: the algorithm's own
+        rates = {group["lr"] for group in rlhf.make_optimizer(policy, None, rlhf.Config(algo=algo)).param_groups}
+        assert rates == {1e-5, expected}, algo
 
 
 def test_the_final_layernorm_is_the_policys_temperature(policy_and_tokenizer):
