@@ -89,7 +89,8 @@ class Config:
                 "the field uses 0.02 (InstructGPT) to 0.05 (TRL) to 0.1 (DeepSpeed-Chat); 0 = no leash "
                 "(measured in 100 steps with K = 4: 0.02 removed 24% of the held-out error, 0.1 18%)"})
     truncation_penalty: float = field(default=1.0, metadata={
-        "help": "subtracted from the reward of a completion that never said <|end|> (TRL's missing_eos_penalty)"})
+        "help": "subtracted from the reward of a completion that never ended (no <|end|> or "
+                "<|endoftext|>: TRL's missing_eos_penalty)"})
     grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0: off)"})
     sft_coef: float = field(default=1.0, metadata={
         "help": "reinforce/ppo: weight of a language-modelling loss on SFT demonstrations added to every update "
@@ -156,8 +157,9 @@ class Rollout:
     log-probabilities of token_logprobs."""
     prompts: list        # the prompt text of each row
     responses: list      # the completion text (without its <|end|>)
-    tokens: list         # the completion tokens (with <|end|> if it stopped), the calculator's included
-    stopped: list        # ended on <|end|> (False: cut off at max_new_tokens or the context)
+    tokens: list         # the completion tokens (with the stop token if it stopped), the calculator's included
+    stopped: list        # ended on <|end|> or <|endoftext|>, as evaluation's answers do (False: cut off at
+                         # max_new_tokens or the context)
     sampled_logprobs: list  # the sampler's log-probability of each completion token the policy chose
     sequences: list      # prompt + completion token ids of each row
     idx: torch.Tensor    # [B, T] long

@@ -1232,7 +1232,7 @@ def make_retriever(config, model, tokenizer, checkpoint, embedding=None):
     documents = read_documents(config.docs) if config.docs else tiny_world().retrieval_documents()
     if config.index and os.path.isfile(config.index):
         retriever = Retriever.load(config.index, model, tokenizer)
-        # the index saves embedding the passages again, not reading them: check it holds these ones
+        # an index spares embedding the passages again, not reading them: check that it holds these ones
         if retriever.embedder.name != embedding or retriever.chunks != split_chunks(documents):
             raise UsageError(f"--index {config.index} holds other passages or another --embedding than this "
                              f"command's; delete it to rebuild, or give another --index")
