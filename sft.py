@@ -708,7 +708,7 @@ def train(model, optimizer, config, batches, mix_stream, validation, device, ste
             x, y = pad_batch(batches(step))
             with autocast(device, config.dtype):
                 _, sft_loss = model(x.to(device), y.to(device))
-            loss, tokens = sft_loss, x.numel()
+            loss, tokens = sft_loss, x.numel()   # tokens computed, padding included: the progress line's tokens/s
             if mix_stream is not None:
                 mix_x, mix_y = pretraining_batch(mix_stream, config.pretrain_mix, config.pretrain_mix_length,
                                                  config.seed, step)
