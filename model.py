@@ -650,7 +650,9 @@ def autocast(device, dtype="auto"):
     """Mixed precision: matrix products in bfloat16 while weights and optimizer state stay fp32.
     "auto" turns it on on CUDA and off elsewhere. "bfloat16" turns it on on a CPU too, which pays
     where the CPU has bf16 matrix instructions (AVX-512 BF16, AMX: bench.py model measures 2.5x on
-    the small model) and costs where it has none (bf16 is then emulated). "float32" turns it off."""
+    the small model) and costs where it has none (bf16 is then emulated). "float32" turns it off.
+    (The training scripts pass the dtype training_dtype resolved, whose "auto" also picks bf16 on a CPU
+    with native bf16; generation and evaluation call autocast(device) with this narrower "auto".)"""
     device_type = str(device).split(":")[0]
     if dtype == "auto":
         dtype = "bfloat16" if device_type == "cuda" else "float32"
