@@ -119,6 +119,17 @@ def test_a_tool_call_gets_the_result_inserted_and_generation_continues(tiny_toke
     assert streamed == answer + [specials["<|end|>"]]  # the inserted result is streamed too
 
 
+def test_a_result_that_would_pass_the_end_of_the_context_is_cut_there(tiny_tokenizer):
+    specials = tiny_tokenizer.special_tokens
+    prompt, _ = render_chat(tiny_tokenizer, [{"role": "user", "content": "what is 12 * 7?"}], add_generation_prompt=True)
+    call = tiny_tokenizer.encode(" ") + [specials["<|calc|>"]] + tiny_tokenizer.encode("12 * (3 + 4)") + [specials["<|result|>"]]
+    model = ScriptedModel(tiny_tokenizer, block_size=len(prompt) + len(call) + 1)   # room for one more token
+    answer = generate_answers(model, tiny_tokenizer, [prompt], Sampling(max_new_tokens=64, tool=True),
+                              [specials["<|end|>"]])[0]
+    assert answer == call + tiny_tokenizer.encode("84")[:1]    # the result's first token, then the context ends
+    assert len(prompt) + len(answer) == model.config.block_size and len(model.calls) == 1
+
+
 def test_without_tool_execution_the_model_is_left_to_write_the_result(tiny_tokenizer):
     model = ScriptedModel(tiny_tokenizer)
     specials = tiny_tokenizer.special_tokens
