@@ -290,12 +290,6 @@ def value_in_slot(text, entity, attribute):
     return value if re.fullmatch(r"[\w'-]+|[A-Z][\w'-]*(?: [A-Z][\w'-]*)+", value) else None
 
 
-def names_entity(text, entity):
-    """Does the text name the entity (or, for an animal, its plural: "Mice eat cheese.")?"""
-    names = [entity.name] + ([entity.plural] if entity.plural else [])
-    return any(re.search(rf"(?<!\w){re.escape(name)}(?!\w)", text, re.IGNORECASE) for name in names)
-
-
 def subject_in_form(text, entity, attribute):
     """What stands where the ideal sentence names the entity, if the text is the ideal sentence with
     something else there ("Pantistador" in "Pantistador is in Oceania."), without its article; or None."""
@@ -1078,7 +1072,7 @@ class World:
         # Nor is the right value said of a name the world does not know ("Pantistador is in Oceania." asked
         # about New Zealand) a right answer; of the asked name misspelt ("Kufelis is in Asia." asked about
         # Kuzelis), half of one, like a JSON record whose name is misspelt.
-        if not names_entity(text, entity):
+        if not about:   # the text names no entity the world knows, not even the asked one
             subject = subject_in_form(text, entity, attribute)
             if subject is not None and similar_names(subject, entity.name):
                 return Grade(0.5, f"the right value, but the name misspelt: {subject}, asked about {entity.name}", False)
