@@ -811,6 +811,17 @@ def _plain(value):
     return value
 
 
+def check_resume_options(path, checkpoint, config, names):
+    """A resumed run must take the options that decide its steps as the run it continues did: refuse,
+    naming the first that differs, any of `names` that the checkpoint's args hold with another value."""
+    saved = checkpoint.get("args") or {}
+    for name in names:
+        if name in saved and saved[name] != getattr(config, name):
+            shown = " ".join(map(str, saved[name])) if isinstance(saved[name], list) else saved[name]
+            raise UsageError(f"{path} was trained with --{name} {shown}; resume with the same option "
+                             f"(or start afresh without --resume)")
+
+
 def load_checkpoint(path, stages=None):
     """Load and check a checkpoint. `stages` is the stage (or tuple of stages) the caller accepts."""
     stages = (stages,) if isinstance(stages, str) else stages

@@ -36,8 +36,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from bpe import SPECIAL_TOKENS, Tokenizer, UsageError
-from model import (GPT, GPTConfig, Progress, StopRequest, atomic_path, autocast, choose_device, training_dtype,
-                   load_checkpoint, plot_curves, read_jsonl, run_cli, save_checkpoint, write_json)
+from model import (GPT, GPTConfig, Progress, StopRequest, atomic_path, autocast, check_resume_options, choose_device,
+                   load_checkpoint, plot_curves, read_jsonl, run_cli, save_checkpoint, training_dtype, write_json)
 
 EOT = "<|endoftext|>"
 
@@ -768,11 +768,7 @@ def restore(path, model, optimizer, model_config, corpus, config):
     resume = checkpoint.get("resume")
     if not resume:
         raise UsageError(f"{path} holds no training state to resume (it was not written by pretrain.py)")
-    saved_args = checkpoint.get("args") or {}
-    for name in RESUME_MUST_MATCH:
-        if name in saved_args and saved_args[name] != getattr(config, name):
-            raise UsageError(f"{path} was trained with --{name} {saved_args[name]}; resume with the same option "
-                             f"(or start afresh without --resume)")
+    check_resume_options(path, checkpoint, config, RESUME_MUST_MATCH)
     # through GPTConfig, so that a checkpoint saved before a new config field existed gets its default
     if dataclasses.asdict(GPTConfig(**checkpoint["model_config"])) != dataclasses.asdict(model_config):
         raise UsageError(f"{path} was trained with another model shape ({checkpoint['model_config']}); "

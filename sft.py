@@ -46,9 +46,9 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from bpe import MESSAGE_PREFIX, UsageError, render_chat
-from model import (IGNORE_INDEX, Progress, atomic_path, autocast, chat_responses, choose_device, load_checkpoint,
-                   load_model, prompt_room, read_jsonl, run_cli, save_checkpoint, set_seed, training_dtype,
-                   write_json)
+from model import (IGNORE_INDEX, Progress, atomic_path, autocast, chat_responses, check_resume_options, choose_device,
+                   load_checkpoint, load_model, prompt_room, read_jsonl, run_cli, save_checkpoint, set_seed,
+                   training_dtype, write_json)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -886,11 +886,7 @@ def load_resume_state(sft_path, config):
     state = checkpoint.get("resume")
     if state is None:
         raise UsageError(f"{sft_path} finished training; there is nothing to resume (run without --resume to start over)")
-    saved_args = checkpoint.get("args") or {}
-    for name in RESUME_MUST_MATCH:
-        if name in saved_args and saved_args[name] != getattr(config, name):
-            shown = " ".join(saved_args[name]) if isinstance(saved_args[name], list) else saved_args[name]
-            raise UsageError(f"{sft_path} was interrupted with --{name} {shown}; resume with the same option")
+    check_resume_options(sft_path, checkpoint, config, RESUME_MUST_MATCH)
     return state
 
 
