@@ -266,14 +266,21 @@ def test_reward_model_learns_a_preference(tmp_path, make_checkpoint):
     assert good.mean() > bad.mean()
 
 
-def test_ctrl_c_saves_and_resume_matches_the_uninterrupted_run(tmp_path, make_checkpoint, capsys):
+def resumable_run(tmp_path, make_checkpoint, prompts, max_iters):
+    """config(folder, **overrides): a reward run on synthetic preferences, each in its own folder."""
     sft = make_checkpoint(tmp_path / "sft.pt", "sft")
     data = tmp_path / "prefs.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in synthetic_preferences(60, seed=1)))
+    data.write_text("".join(json.dumps(r) + "\n" for r in synthetic_preferences(prompts, seed=1)))
 
     def config(name, **overrides):
-        return Config(out_dir=str(tmp_path / name), init_from=sft, data=str(data), device="cpu", max_iters=30,
-                      prompts_per_step=8, learning_rate=3e-3, eval_interval=10, examples=0, **overrides)
+        return Config(out_dir=str(tmp_path / name), init_from=sft, data=str(data), device="cpu",
+                      max_iters=max_iters, prompts_per_step=8, learning_rate=3e-3, eval_interval=10, examples=0,
+                      **overrides)
+    return config
+
+
+def test_ctrl_c_saves_and_resume_matches_the_uninterrupted_run(tmp_path, make_checkpoint, capsys):
+    config = resumable_run(tmp_path, make_checkpoint, prompts=60, max_iters=30)
 
     straight = main(config("run"))
     assert straight["interrupted"] == 0 and straight["steps"] == 30
@@ -304,13 +311,7 @@ def test_ctrl_c_saves_and_resume_matches_the_uninterrupted_run(tmp_path, make_ch
 
 def test_ctrl_c_after_training_still_saves_the_model_and_resume_finishes_it(tmp_path, make_checkpoint, monkeypatch):
     """Centring and evaluating a trained model take a while; a Ctrl-C then must not lose the training."""
-    sft = make_checkpoint(tmp_path / "sft.pt", "sft")
-    data = tmp_path / "prefs.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in synthetic_preferences(30, seed=1)))
-
-    def config(name, **overrides):
-        return Config(out_dir=str(tmp_path / name), init_from=sft, data=str(data), device="cpu", max_iters=6,
-                      prompts_per_step=8, learning_rate=3e-3, eval_interval=10, examples=0, **overrides)
+    config = resumable_run(tmp_path, make_checkpoint, prompts=30, max_iters=6)
 
     straight = main(config("run"))
     calls = []
