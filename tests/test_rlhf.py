@@ -94,6 +94,24 @@ def test_the_calculator_runs_in_rollouts_and_its_tokens_are_not_the_policys(calc
     assert [int(m.sum()) for m in plain.mask] == [len(tokens) for tokens in plain.tokens]
 
 
+def test_a_rollout_stops_on_endoftext_as_evaluation_does(policy_and_tokenizer):
+    """A policy that drifts back into writing documents ends with <|endoftext|>, not <|end|>: that ends
+    its answer too (it is the policy's own last token, so it counts in the mask), not max_new_tokens."""
+    policy, tokenizer = policy_and_tokenizer
+    end_of_text = tokenizer.special_tokens["<|endoftext|>"]
+    with torch.no_grad():   # make every position predict <|endoftext|>: the final norm outputs its bias
+        direction = torch.zeros(policy.config.n_embd)
+        direction[0] = 1.0
+        policy.transformer.wte.weight[end_of_text] = 100.0 * direction   # tied: the output row too
+        policy.transformer.ln_f.weight.zero_()
+        policy.transformer.ln_f.bias.copy_(direction)
+    rollout = rlhf.sample_rollout(policy, tokenizer, PROMPTS, samples_per_prompt=2, max_new_tokens=10, seed=0,
+                                  tool=False)
+    assert rollout.tokens == [[end_of_text]] * len(rollout.tokens)
+    assert all(rollout.stopped) and rollout.responses == [""] * len(rollout.tokens)
+    assert rollout.mask.sum(dim=1).tolist() == [1.0] * len(rollout.tokens)
+
+
 def test_kl_is_zero_when_policy_equals_reference(policy_and_tokenizer):
     policy, tokenizer = policy_and_tokenizer
     reference = copy.deepcopy(policy)
@@ -147,6 +165,9 @@ def test_gae_hand_computed():
     advantages, _ = rlhf.gae_advantages(rewards, values, mask, gamma=1.0, lam=0.5)
     # deltas 0, 0, 0.5 -> A = 0.125, 0.25, 0.5
     torch.testing.assert_close(advantages, torch.tensor([[0.0, 0.125, 0.25, 0.5, 0.0]]))
+    # the default is lambda = 1, as --gae_lambda's: the whole return minus the value
+    torch.testing.assert_close(rlhf.gae_advantages(rewards, values, mask)[0], torch.tensor([[0.0, 0.5, 0.5, 0.5, 0.0]]))
+    assert rlhf.Config().gae_lambda == 1.0
     # tokens the calculator wrote (mask 0 inside the completion) are passed over: the same advantages for
     # the policy's tokens as without them, so the call before the result is credited with the final score
     gap = torch.tensor([[0.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0]])
@@ -219,6 +240,20 @@ def digit_reward(prompts, responses):
 def mean_reward(policy, tokenizer, seed=123):
     rollout = rlhf.sample_rollout(policy, tokenizer, PROMPTS * 8, 4, 8, seed=seed)
     return digit_reward(rollout.prompts, rollout.responses).mean().item()
+
+
+def test_ppo_makes_exactly_epochs_times_minibatches_updates_when_rows_do_not_divide(policy_and_tokenizer):
+    """3 prompts x 3 samples = 9 rows in 2 minibatches: 5 + 4 rows, two updates a pass (cutting 4-row
+    slices would make a third update of one row)."""
+    policy, tokenizer = policy_and_tokenizer
+    reference = rlhf.freeze(copy.deepcopy(policy))
+    config = rlhf.Config(algo="ppo", samples_per_prompt=3, max_new_tokens=6, ppo_epochs=2, ppo_minibatches=2)
+    value_head = rlhf.ValueHead(policy.config.n_embd)
+    optimizer = rlhf.make_optimizer(policy, value_head, config)
+    rlhf.rollout_step(policy, reference, value_head, optimizer, tokenizer, PROMPTS[:3], digit_reward,
+                      rlhf.RewardNormalizer(), config, step=0)
+    steps = {int(state["step"]) for state in optimizer.state.values()}
+    assert steps == {config.ppo_epochs * config.ppo_minibatches}
 
 
 @pytest.mark.parametrize("algo", ["reinforce", "ppo"])
