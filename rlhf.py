@@ -506,6 +506,13 @@ class RewardNormalizer:
         return (scores - self.mean) / self.std
 
 
+def shaped_rewards(scores, stopped, normalizer, truncation_penalty):
+    """What RL maximises for each completion: its score in units of the SFT samples' spread, less
+    truncation_penalty if it never ended (cut off by max_new_tokens or the context), so that rambling
+    until the cut is never the way to a score (TRL's missing_eos_penalty)."""
+    return normalizer(scores) - truncation_penalty * (1.0 - stopped)
+
+
 def rollout_step(policy, reference, value_head, optimizer, tokenizer, prompts, reward_fn, normalizer,
                  config, step, world=None, demonstrations=None):
     """One step of reinforce or ppo: sample, score, then update. Returns the step's log line.
@@ -516,7 +523,7 @@ def rollout_step(policy, reference, value_head, optimizer, tokenizer, prompts, r
                              seed=config.seed * 100_003 + step, micro_batch=config.micro_batch)
     scores = reward_fn(rollout.prompts, rollout.responses).float().to(device)
     stopped = torch.tensor(rollout.stopped, dtype=torch.float32, device=device)
-    rewards = normalizer(scores) - config.truncation_penalty * (1.0 - stopped)
+    rewards = shaped_rewards(scores, stopped, normalizer, config.truncation_penalty)
     with torch.no_grad():
         reference_logprobs = rollout_logprobs(reference, rollout.sequences, config.micro_batch, device)
     mask = rollout.mask
