@@ -17,16 +17,6 @@ from model import (GPT, IGNORE_INDEX, GPTConfig, UsageError, draw_from, gpt2_sta
 TINY = dict(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=16)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Models this small gain nothing from a second thread, and on a machine shared with other
-    jobs, torch's two threads wait on each other: one thread keeps these tests fast and steady."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def lively_model(seed=0, **overrides):
     """A random GPT whose greedy choices vary from token to token. (An untrained GPT with tied
     embeddings mostly repeats its last token, which would make generation tests too easy.)"""

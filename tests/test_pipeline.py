@@ -4,6 +4,7 @@ checkpoints, Ctrl-C, kill -9 while saving) and the determinism of a seeded run."
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -74,9 +75,13 @@ def test_every_stage_hands_over_to_the_next(pipeline):
 
 
 def test_report_has_a_row_for_every_stage(pipeline):
+    from data.tinyworld import FAMILIES
     report = (pipeline / "report.md").read_text()
     for stage in ["pretrain", "sft", "rlhf"]:
-        assert stage in report
+        for family in FAMILIES:
+            assert f"| {stage} | {family} | " in report, (stage, family)
+    for stage in ["pretrain", "sft", "reward", "rlhf"]:   # and a line of each stage's own figures
+        assert re.search(rf"^\| {stage} \| \d+ \| ", report, re.MULTILINE), stage
     assert (pipeline / "report.png").stat().st_size > 0
 
 

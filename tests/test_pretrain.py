@@ -35,16 +35,6 @@ def tiny_documents(count=60):
     return documents
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Models this small gain nothing from a second thread, and on a busy machine threads that wait for
-    each other cost a lot; the setting is restored for the other test files."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def corpus_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "tiny.jsonl"

@@ -23,16 +23,6 @@ from reward import (Comparison, Config, batch_loss, centre_rewards, clear_pair_a
                     split_by_prompt, split_heldout, write_comparisons)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: on the shared 2-core machine torch's two threads mostly wait for each
-    other (this file took 158 s with two threads, 5 s with one). Restored after the module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(params=[0.0, 1.0], ids=["head alone", "head + log-probability"])
 def reward_model(request, tmp_path, make_checkpoint):
     """A tiny random reward model, with and without the log-probability part of the reward."""

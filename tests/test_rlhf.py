@@ -12,21 +12,11 @@ import pytest
 import torch
 
 import rlhf
-from conftest import CALCULATOR_QUESTION
-from model import UsageError, load_model
+from conftest import CALCULATOR_QUESTION, teach
+from model import UsageError, load_model, save_checkpoint
 
 PROMPTS = ["What is the capital of Peru?", "What is 2 + 3?", "How many legs does a cat have?",
            "Write a story."]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy machine threads waiting for each
-    other cost up to 100x (tests/test_sft.py measured it)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_config(tmp_path, **overrides):
@@ -136,6 +126,18 @@ def test_leave_one_out_baseline_hand_computed():
     assert rlhf.leave_one_out_advantages(torch.full((1, 3), 5.0)).abs().max() == 0
     with pytest.raises(UsageError):
         rlhf.leave_one_out_advantages(torch.ones(2, 1))
+
+
+def test_rewards_are_in_units_of_the_first_batchs_spread_and_a_cut_off_answer_pays_the_penalty():
+    normalizer = rlhf.RewardNormalizer()
+    scores = torch.tensor([1.0, 2.0, 3.0, 6.0])   # mean 3, sample std 2.16...
+    stopped = torch.tensor([1.0, 1.0, 0.0, 1.0])  # the third never ended
+    rewards = rlhf.shaped_rewards(scores, stopped, normalizer, truncation_penalty=0.5)
+    spread = math.sqrt(((1 - 3) ** 2 + (2 - 3) ** 2 + 0 + (6 - 3) ** 2) / 3)
+    torch.testing.assert_close(rewards, torch.tensor([-2 / spread, -1 / spread, 0 - 0.5, 3 / spread]))
+    # the first batch fixes the scale: a later batch is measured in the same units
+    torch.testing.assert_close(rlhf.shaped_rewards(torch.tensor([3.0, 5.0]), torch.ones(2), normalizer, 0.5),
+                               torch.tensor([0.0, 2 / spread]))
 
 
 def test_ppo_clipped_objective_hand_computed():
@@ -345,15 +347,18 @@ def test_dpo_raises_a_known_reward(policy_and_tokenizer):
 
 def test_heldout_temperature_1_score_averages_several_samples_per_task(policy_and_tokenizer, world):
     """evaluate_heldout's temperature-1 score is the mean over `samples` answers per task, and its
-    sampling error comes from the spread of each task's own answers: both against a computation by hand."""
+    sampling error comes from the spread of each task's own answers: both against a computation by hand,
+    on a policy half-taught the tasks' answers, so that its samples are sometimes right and sometimes not."""
     from sample import Sampling, chat_answers
     policy, tokenizer = policy_and_tokenizer
     tasks = world.tasks("eval")[:5]
-    metrics = rlhf.evaluate_heldout(policy, tokenizer, world, tasks, max_new_tokens=8, seed=3, samples=3)
-    sampling = Sampling(max_new_tokens=8, temperature=1.0, seed=3, tool=True)
+    teach(policy, tokenizer, [(task.prompt, task.answer) for task in tasks], steps=40)
+    metrics = rlhf.evaluate_heldout(policy, tokenizer, world, tasks, max_new_tokens=24, seed=3, samples=3)
+    sampling = Sampling(max_new_tokens=24, temperature=1.0, seed=3, tool=True)
     prompts = [task.prompt for task in tasks for _ in range(3)]
     scores = [world.score(prompt, answer)[0] for prompt, answer in
               zip(prompts, chat_answers(policy, tokenizer, prompts, sampling))]
+    assert any(len(set(scores[3 * i:3 * i + 3])) > 1 for i in range(len(tasks)))   # a spread to measure
     assert metrics["temp1/score/all"] == pytest.approx(sum(scores) / len(scores))
     variance = 0.0   # of the mean: each task's three answers vary; the tasks do not
     for i in range(len(tasks)):
@@ -451,14 +456,21 @@ def test_dpo_never_trains_on_the_heldout_prompts_it_is_graded_on(tmp_path, make_
     assert seen and {prompt for prompt, _, _ in seen} == {training}
 
 
-def test_the_oracle_can_be_the_reward_and_needs_no_reward_model(tmp_path, make_checkpoint):
-    """--reward oracle: the tiny world's grader scores the samples (no reward.pt is read), so the reward
-    RL logs is the oracle's score of the same samples, step by step."""
-    make_checkpoint(tmp_path / "sft.pt", "sft")
-    metrics = rlhf.main(tiny_config(tmp_path, reward="oracle", max_iters=2))
-    assert metrics["reward"] == "oracle" and not os.path.exists(tmp_path / "reward.pt")
+def test_the_oracle_can_be_the_reward_and_needs_no_reward_model(tmp_path, make_checkpoint, world):
+    """--reward oracle: the tiny world's grader scores the samples (there is no reward.pt to read), so the
+    reward RL logs is the oracle's score of the same samples, step by step. The SFT model has learnt the
+    answer to the facts question among the two steps' prompts, so those scores are not all zero."""
+    policy, tokenizer, _ = load_model(make_checkpoint(tmp_path / "sft.pt", "sft"))
+    config = tiny_config(tmp_path, reward="oracle", max_iters=2, max_new_tokens=24)
+    tasks = world.tasks("rl")
+    asked = [task for step in range(2) for task in rlhf.batch_of(tasks, step, config.prompts_per_step, config.seed)]
+    teach(policy, tokenizer, [(task.prompt, task.answer) for task in asked if task.family == "facts"], steps=80)
+    save_checkpoint(str(tmp_path / "sft.pt"), stage="sft", model=policy, tokenizer=tokenizer, parent=None,
+                    args={}, metrics={})
+    metrics = rlhf.main(config)
+    assert metrics["reward"] == "oracle"
     history = torch.load(tmp_path / "rlhf.pt", weights_only=True)["resume"]["history"]
-    assert history["reward"] == pytest.approx(history["oracle"])
+    assert max(history["oracle"]) > 0 and history["reward"] == pytest.approx(history["oracle"])
     with pytest.raises(UsageError, match="--reward oracle scores samples"):
         rlhf.main(tiny_config(tmp_path, reward="oracle", algo="dpo"))
     make_checkpoint(tmp_path / "reward.pt", "reward", seed=1)

@@ -14,7 +14,8 @@ import torch
 
 import sample
 from bpe import UsageError, render_chat
-from model import GPT, Generation, chat_responses, load_model
+from conftest import teach
+from model import GPT, chat_responses, load_model, save_checkpoint
 from sample import Config, main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,20 +24,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def run_script(*arguments, stdin=""):
     return subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), *arguments], input=stdin,
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
-
-
-@pytest.fixture
-def recorded_prompts(monkeypatch):
-    """Every prompt the real GPT.generate is asked to continue (the model still runs)."""
-    prompts = []
-    original = GPT.generate
-
-    def recording(self, batch, *args, **kwargs):
-        prompts.extend(list(prompt) for prompt in batch)
-        return original(self, batch, *args, **kwargs)
-
-    monkeypatch.setattr(GPT, "generate", recording)
-    return prompts
 
 
 def chat_session(monkeypatch, capsys, config, lines):
@@ -116,27 +103,17 @@ def test_a_streamed_chat_answer_is_its_message(tiny_tokenizer):
 
 
 def test_every_way_an_answer_comes_back_is_the_message_without_render_chats_space(
-        tmp_path, make_checkpoint, monkeypatch, capsys):
-    """The model writes " Paris is big." (the space render_chat trains before every message): one-shot,
-    best-of-N, chat (and the history it renders next turn), chat_responses and RLHF's rollouts all hand
-    back "Paris is big.", so that re-rendering it gives back exactly the tokens that were generated."""
+        tmp_path, make_checkpoint, monkeypatch, capsys, recorded_prompts):
+    """A model that learnt to answer "hi" with "Paris is big." writes " Paris is big." (the space
+    render_chat trains before every message): one-shot, best-of-N, chat (and the history it renders next
+    turn), chat_responses and RLHF's rollouts all hand back "Paris is big.", so that re-rendering it gives
+    back exactly the tokens that were generated."""
     from rlhf import sample_rollout
-    path = make_checkpoint(tmp_path / "sft.pt", "sft")
+    model, tokenizer, _ = load_model(make_checkpoint(tmp_path / "sft.pt", "sft"))
+    teach(model, tokenizer, [("hi", "Paris is big.")], steps=150)
+    path = str(tmp_path / "sft.pt")
+    save_checkpoint(path, stage="sft", model=model, tokenizer=tokenizer, parent=None, args={}, metrics={})
     make_checkpoint(tmp_path / "reward.pt", "reward")
-    model, tokenizer, _ = load_model(path)
-    written = tokenizer.encode(" Paris is big.")
-    prompts = []
-
-    def scripted(self, batch, max_new_tokens, *args, stop_tokens=(), on_token=None, **kwargs):
-        prompts.extend(list(prompt) for prompt in batch)
-        tokens = written + [tokenizer.special_tokens["<|end|>"]]
-        for row in range(len(batch)):
-            for token in tokens:
-                if on_token:
-                    on_token(row, token)
-        return [Generation(list(tokens), [0.0] * len(tokens), True) for _ in batch]
-
-    monkeypatch.setattr(GPT, "generate", scripted)
     expected = "Paris is big."
     assert chat_responses(model, tokenizer, ["hi"]) == [expected]
     assert sample_rollout(model, tokenizer, ["hi"], 2, 8, seed=0).responses == [expected, expected]
@@ -147,7 +124,8 @@ def test_every_way_an_answer_comes_back_is_the_message_without_render_chats_spac
     out = chat_session(monkeypatch, capsys, Config(ckpt=path), ["hi", "and again"])
     assert expected in out and " " + expected not in out
     history, _ = render_chat(tokenizer, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": expected}])
-    assert prompts[-1][:len(history)] == history
+    assert recorded_prompts[-1][:len(history)] == history
+    written = tokenizer.encode(" Paris is big.")
     assert history[-len(written) - 1:-1] == written     # the tokens the model wrote, exactly
 
 
@@ -227,19 +205,25 @@ def test_report_has_a_row_per_stage_and_family_with_the_numbers_of_a_direct_eval
     from sft import base_fewshot_responses
     for stage in ("pretrain", "sft", "reward", "rlhf"):
         make_checkpoint(tmp_path / f"{stage}.pt", stage, seed=len(stage))
+    # the SFT model learns the facts questions' answers, so its rows cannot equal another stage's by chance
+    facts = [task for task in sample.report_tasks(world, 2) if task.family == "facts"]
+    sft_model, tokenizer, _ = load_model(str(tmp_path / "sft.pt"))
+    teach(sft_model, tokenizer, [(task.prompt, task.answer) for task in facts], steps=100)
+    save_checkpoint(str(tmp_path / "sft.pt"), stage="sft", model=sft_model, tokenizer=tokenizer, parent=None,
+                    args={}, metrics={})
     for stage, figures in (("pretrain", {"seconds": 300.5}), ("reward", {"seconds": 150.0, "heldout/pairwise_accuracy": 0.75}),
                            ("rlhf", {"seconds": 200.0, "rlhf/kl": 1.5, "rlhf/distinct": 0.5})):
         (tmp_path / f"{stage}.json").write_text(json.dumps(figures))
-    metrics = main(Config(out_dir=str(tmp_path), report=True, report_limit=2, max_new_tokens=12))
+    metrics = main(Config(out_dir=str(tmp_path), report=True, report_limit=2, max_new_tokens=16))
 
     tasks = sample.report_tasks(world, 2)
     assert [t.family for t in tasks] == [family for family in FAMILIES for _ in range(2)]
-    sft_model, tokenizer, _ = load_model(str(tmp_path / "sft.pt"))
     direct, _ = world.evaluate(lambda prompts: chat_responses(sft_model, tokenizer, prompts, temperature=0.0,
-                                                              max_new_tokens=12), tasks)
+                                                              max_new_tokens=16), tasks)
     assert {key: metrics[f"sft/greedy/{key}"] for key in direct} == direct
+    assert direct["accuracy/facts"] == 1.0 and metrics["pretrain/greedy/accuracy/facts"] < 1.0
     base_model, _, _ = load_model(str(tmp_path / "pretrain.pt"))
-    direct, _ = world.evaluate(lambda prompts: base_fewshot_responses(base_model, tokenizer, world, prompts, 12), tasks)
+    direct, _ = world.evaluate(lambda prompts: base_fewshot_responses(base_model, tokenizer, world, prompts, 16), tasks)
     assert {key: metrics[f"pretrain/greedy/{key}"] for key in direct} == direct
 
     text = (tmp_path / "report.md").read_text()

@@ -12,16 +12,6 @@ from bpe import UsageError
 from model import GPT, IGNORE_INDEX, load_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Models this small gain nothing from a second thread, and on a busy machine threads that wait for
-    each other cost a lot (measured: a tiny backward pass 4 ms with one thread, 770 ms with two)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # --- the loss mask ---------------------------------------------------------------------------------
 
 def trained_runs(tokenizer, targets):

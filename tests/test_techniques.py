@@ -6,13 +6,13 @@ import random
 
 import numpy as np
 import pytest
-import torch
 
 import sample
 from bpe import UsageError, render_chat, response_text
+from conftest import teach
 from model import Generation, load_model, one_thread_on_cpu
 from sample import (JsonPrefix, Retriever, Sampling, TfidfEmbedder, ModelEmbedder, calculate, calculator_result,
-                    generate_answers, json_prefix_ok, split_chunks)
+                    chat_answers, generate_answers, json_prefix_ok, split_chunks)
 
 
 # --- the calculator's parser -------------------------------------------------------------------
@@ -224,14 +224,19 @@ def test_constrained_sampling_always_parses(tmp_path, make_checkpoint, temperatu
 
 
 def test_the_mask_leaves_already_valid_choices_alone(tmp_path, make_checkpoint):
-    """Greedy with the mask = greedy without, for as long as the unconstrained choice is allowed."""
+    """Greedy with the mask = greedy without, for as long as the unconstrained choice is allowed: a model
+    that learnt a valid record writes it unchanged under the mask; one that learnt an invalid record (an
+    unquoted key) writes the same up to that key, and from there something that parses."""
     model, tokenizer, _ = load_model(make_checkpoint(tmp_path / "sft.pt", "sft"))
-    mask = sample.JsonMask(tokenizer, [3], [], tokenizer.special_tokens["<|end|>"], 50, 128, greedy=True)
-    logits = torch.full((1, tokenizer.vocab_size), -10.0)
-    brace = tokenizer.encode("{")[0]
-    logits[0, brace] = 5.0
-    out = mask(0, [[]], logits)
-    assert out[0].argmax().item() == brace
+    questions = ["Describe the frog as JSON.", "Describe the cat as JSON."]
+    teach(model, tokenizer, list(zip(questions, ['{"name": "frog", "legs": 4}', '{"name": "cat", legs: 4}'])),
+          steps=100)
+    free, masked = (chat_answers(model, tokenizer, questions, Sampling(max_new_tokens=30, temperature=0.0,
+                                                                     json_fields=fields)) for fields in (None, []))
+    assert free == ['{"name": "frog", "legs": 4}', '{"name": "cat", legs: 4}']   # what it learnt
+    assert masked[0] == free[0]
+    assert masked[1].startswith('{"name": "cat",') and not masked[1].startswith('{"name": "cat", legs')
+    json.loads(masked[1])
 
 
 # --- retrieval ---------------------------------------------------------------------------------
@@ -320,20 +325,6 @@ def test_model_embeddings_do_not_depend_on_the_batch(tmp_path, make_checkpoint):
 
 
 # --- the techniques from the command line ------------------------------------------------------
-
-@pytest.fixture
-def recorded_prompts(monkeypatch):
-    """Every prompt the real GPT.generate is asked to continue (the model still runs)."""
-    from model import GPT
-    prompts, original = [], GPT.generate
-
-    def recording(self, batch, *args, **kwargs):
-        prompts.extend(list(prompt) for prompt in batch)
-        return original(self, batch, *args, **kwargs)
-
-    monkeypatch.setattr(GPT, "generate", recording)
-    return prompts
-
 
 def test_retrieval_puts_the_passage_in_the_prompt_and_keeps_its_index(tmp_path, make_checkpoint, recorded_prompts):
     docs, index = tmp_path / "docs.txt", tmp_path / "index.npz"
