@@ -20,7 +20,7 @@ about the other half, whose facts appear only in the pretraining documents. If t
 its knowledge came from pretraining and SFT only taught it the format -- the talk's claim, measured.
 
     python -m data.tinyworld stats          # sizes, counts per family and split, samples, timing
-    python -m data.tinyworld write DIR      # corpus.txt and JSONL files in the formats of PIPELINE.md
+    python -m data.tinyworld write DIR      # the corpus and the tasks as files, in the formats of PIPELINE.md
 
 Everything comes from `random.Random` seeded with strings (never `hash()` or the order of a set), so the
 same seed gives byte-identical output on any machine. No work happens at import time.
@@ -1290,11 +1290,14 @@ def jsonl(records):
 
 
 def write_files(world, folder):
-    """corpus.txt (documents joined by <|endoftext|>), sft.jsonl (TRL "messages"), eval/reward/rl.jsonl
-    ("prompt" plus the ideal answer, family and held-out flag), retrieval.txt (blank-line separated) and
-    retrieval.jsonl ("text"). -> list of (file name, bytes)."""
+    """corpus.jsonl (a "text" per document: what `pretrain.py --data` takes), corpus.txt (the same
+    documents joined by <|endoftext|>, to read), sft.jsonl (TRL "messages": `sft.py --data`),
+    eval/reward/rl.jsonl ("prompt" plus the ideal answer, family and held-out flag: to read),
+    retrieval.txt (blank-line separated: `sample.py --docs`) and retrieval.jsonl ("text").
+    -> list of (file name, bytes)."""
     os.makedirs(folder, exist_ok=True)
-    files = {"corpus.txt": "<|endoftext|>".join(world.documents())}
+    files = {"corpus.jsonl": jsonl({"text": text} for text in world.documents()),
+             "corpus.txt": "<|endoftext|>".join(world.documents())}
     files["sft.jsonl"] = jsonl({"messages": [{"role": "user", "content": t.prompt},
                                              {"role": "assistant", "content": t.answer}]} for t in world.tasks("sft"))
     for split in ("eval", "reward", "rl"):
@@ -1358,7 +1361,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m data.tinyworld", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     stats = commands.add_parser("stats", help="print sizes, counts per family and split, and samples")
-    write = commands.add_parser("write", help="write corpus.txt and the JSONL files to a folder")
+    write = commands.add_parser("write", help="write the corpus and the tasks to a folder (corpus.jsonl, sft.jsonl, ...)")
     write.add_argument("folder", help="where to write (created if missing)")
     for command in (stats, write):
         command.add_argument("--seed", type=int, default=0, help="the world's seed (default 0)")

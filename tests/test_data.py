@@ -16,11 +16,6 @@ from data.tinyworld import (CONTEXT_HEADER, COT_PREFIX, FAMILIES, SPLITS, World,
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def world():
-    return World(seed=0)
-
-
 def fingerprint(world):
     """A hash of everything the world hands out."""
     digest = hashlib.sha256()
@@ -385,6 +380,10 @@ def test_command_line_writes_the_files(tmp_path, capsys):
     world = World(scale=0.05)
     corpus = (tmp_path / "corpus.txt").read_text()
     assert corpus.split("<|endoftext|>") == world.documents()
+    from pretrain import load_documents
+    assert load_documents(str(tmp_path / "corpus.jsonl"))[0] == world.documents()   # what --data reads
+    from sft import jsonl_conversations, world_conversations
+    assert jsonl_conversations(str(tmp_path / "sft.jsonl")) == world_conversations(world)   # and sft.py's
     sft = [json.loads(line) for line in (tmp_path / "sft.jsonl").read_text().splitlines()]
     assert [record["messages"][1]["content"] for record in sft] == [t.answer for t in world.tasks("sft")]
     for split in ("eval", "reward", "rl"):
