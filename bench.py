@@ -10,6 +10,8 @@ command that produced them. (Tests never time anything; speed lives here.)
 import argparse
 import os
 
+from bpe import UsageError
+
 SHARED_TEXT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "bench-data",
                            "tinyshakespeare.txt")
 
@@ -285,4 +287,9 @@ if __name__ == "__main__":
     parser.add_argument("--data", default=None, help="text file to benchmark on (default: tiny Shakespeare if present)")
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a first look")
     args = parser.parse_args()
-    {"tokenizer": bench_tokenizer, "model": bench_model, "pretrain": bench_pretrain}[args.benchmark](args)
+    if args.benchmark == "model" and args.data:
+        parser.error("--data: `bench.py model` times random weights and reads no text")
+    try:
+        {"tokenizer": bench_tokenizer, "model": bench_model, "pretrain": bench_pretrain}[args.benchmark](args)
+    except UsageError as error:
+        raise SystemExit(f"error: {error}") from None

@@ -441,8 +441,13 @@ class Tokenizer:
         lines.append('  "merges": [' + ("\n" + ",\n".join(merge_lines) + "\n  " if merge_lines else "") + "]")
         lines.append("}")
         folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tokenizer-", suffix=".tmp")
+        if os.path.isdir(path):
+            raise UsageError(f"{path} is a folder: give a file name in it instead")
+        try:
+            os.makedirs(folder, exist_ok=True)
+            handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tokenizer-", suffix=".tmp")
+        except OSError as error:
+            raise UsageError(f"cannot write to {folder}: {error.strerror}; choose another place") from None
         try:
             with os.fdopen(handle, "w", encoding="utf-8") as file:
                 file.write("\n".join(lines) + "\n")

@@ -721,11 +721,13 @@ def atomic_path(path):
     """Yield a temporary path in the same folder as `path`; on success move it over `path` in one
     step (os.replace). A crash or Ctrl-C mid-write leaves the old file untouched."""
     folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UsageError(f"{path} is a folder: give a file name in it instead")
     try:
         os.makedirs(folder, exist_ok=True)
         handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
     except OSError as error:
-        raise UsageError(f"cannot write to {folder}: {error.strerror}; choose another --out_dir") from None
+        raise UsageError(f"cannot write to {folder}: {error.strerror}; choose another place") from None
     os.close(handle)
     try:
         yield temporary
@@ -740,6 +742,16 @@ def atomic_path(path):
         if os.path.exists(temporary):
             os.remove(temporary)
         raise
+
+
+def check_out_dir(out_dir):
+    """Fail now, not after minutes of training, if the results could not be saved."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):  # a private file: processes of one run do not collide
+            pass
+    except OSError as error:
+        raise UsageError(f"--out_dir {out_dir}: cannot write there ({error.strerror}); choose another") from None
 
 
 def write_json(path, data):
@@ -825,6 +837,9 @@ def check_resume_options(path, checkpoint, config, names):
 def load_checkpoint(path, stages=None):
     """Load and check a checkpoint. `stages` is the stage (or tuple of stages) the caller accepts."""
     stages = (stages,) if isinstance(stages, str) else stages
+    if os.path.isdir(path):
+        example = os.path.join(path, f"{stages[-1]}.pt" if stages else "sft.pt")
+        raise UsageError(f"{path} is a folder: pass a checkpoint file, such as {example}")
     if not os.path.isfile(path):
         if stages:
             script = STAGE_SCRIPTS.get(stages[0], "the previous stage")
@@ -896,9 +911,31 @@ def _parse_bool(text):
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def check_options(config, positive=(), not_negative=(), fractions=()):
+    """A value no run could use stops the stage at once, in one line naming the option, instead of a
+    traceback from deep inside torch after minutes of work. fractions: in [0, 1)."""
+    for name in positive:
+        if getattr(config, name) <= 0:
+            raise UsageError(f"--{name} must be positive, got {getattr(config, name)}")
+    for name in not_negative:
+        if getattr(config, name) < 0:
+            raise UsageError(f"--{name} must not be negative, got {getattr(config, name)}")
+    for name in fractions:
+        if not 0.0 <= getattr(config, name) < 1.0:
+            raise UsageError(f"--{name} must be at least 0 and below 1, got {getattr(config, name)}")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a mistyped option or value is one line that says where the options are listed,
+    not twenty lines of usage with the error last."""
+
+    def error(self, message):
+        command = self.prog if self.prog.startswith("python") else f"python {self.prog}"
+        self.exit(2, f"error: {message} (`{command} --help` lists the options)\n")
+
+
 def build_parser(config_class, description=""):
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     hints = typing.get_type_hints(config_class)
     for field in dataclasses.fields(config_class):
         kind = hints[field.name]
@@ -1044,7 +1081,7 @@ def chat_responses(model, tokenizer, prompts, temperature=0.0, max_new_tokens=12
 # --- This file's own command line ----------------------------------------------------------------
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     importer = commands.add_parser("import_gpt2", help="Hugging Face GPT-2 folder -> pretrain-stage checkpoint")
     importer.add_argument("folder", help="folder with config.json, model.safetensors (or pytorch_model.bin), "

@@ -26,7 +26,6 @@ import json
 import math
 import os
 import random
-import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -36,8 +35,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from bpe import SPECIAL_TOKENS, Tokenizer, UsageError
-from model import (GPT, GPTConfig, Progress, StopRequest, atomic_path, autocast, check_resume_options, choose_device,
-                   load_checkpoint, plot_curves, read_jsonl, run_cli, save_checkpoint, training_dtype, write_json)
+from model import (GPT, GPTConfig, Progress, StopRequest, atomic_path, autocast, check_options, check_out_dir,
+                   check_resume_options, choose_device, load_checkpoint, plot_curves, read_jsonl, run_cli,
+                   save_checkpoint, training_dtype, write_json)
 
 EOT = "<|endoftext|>"
 
@@ -118,11 +118,12 @@ def apply_preset(config):
 
 
 def check_config(config):
-    positive = ["vocab_size", "n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum",
-                "max_iters", "eval_interval", "eval_tokens"]
-    for name in positive:
-        if getattr(config, name) <= 0:
-            raise UsageError(f"--{name} must be positive, got {getattr(config, name)}")
+    check_options(config, positive=("vocab_size", "n_layer", "n_head", "n_embd", "block_size", "batch_size",
+                                    "grad_accum", "max_iters", "eval_interval", "eval_tokens", "learning_rate"),
+                  not_negative=("warmup_iters", "lr_decay_iters", "max_time", "weight_decay", "grad_clip", "samples"),
+                  fractions=("dropout",))
+    if not 0.0 <= config.min_lr_ratio <= 1.0:
+        raise UsageError(f"--min_lr_ratio must lie between 0 and 1, got {config.min_lr_ratio}")
     if config.n_embd % config.n_head:
         raise UsageError(f"--n_embd {config.n_embd} must be a multiple of --n_head {config.n_head}")
     if not 0.0 < config.val_fraction < 1.0:
@@ -156,6 +157,9 @@ def load_documents(data):
         documents = [read_text(path) for path in paths]
     elif not os.path.exists(data):
         raise UsageError(f"{data}: no such file or folder (--data takes a .txt file, a folder or a .jsonl file)")
+    elif data.endswith(".json"):
+        raise UsageError(f"{data}: a .json file is neither plain text nor records; give JSONL (a .jsonl file, one "
+                         "{\"text\": ...} per line) or text (.txt)")
     elif data.endswith(".jsonl"):
         documents = []
         for line, record in read_jsonl(data):
@@ -533,16 +537,6 @@ def main(config: Config) -> dict:
     finally:
         if dist.is_initialized():   # torchrun with one process initialises a group too
             dist.destroy_process_group()
-
-
-def check_out_dir(out_dir):
-    """Fail now, not after minutes of training, if the results could not be saved."""
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out_dir):  # a private file: processes of one run do not collide
-            pass
-    except OSError as error:
-        raise UsageError(f"--out_dir {out_dir}: cannot write there ({error.strerror}); choose another") from None
 
 
 def train(config, rank, world_size, device, started):

@@ -34,8 +34,8 @@ import torch
 from torch.nn import functional as F
 
 from bpe import MESSAGE_PREFIX
-from model import (GPT, GPTConfig, Progress, StopRequest, UsageError, atomic_path, autocast, by_length,
-                   choose_device, full_precision, load_checkpoint, load_model, one_thread_on_cpu,
+from model import (GPT, GPTConfig, Progress, StopRequest, UsageError, atomic_path, autocast, by_length, check_options,
+                   check_out_dir, choose_device, full_precision, load_checkpoint, load_model, one_thread_on_cpu,
                    read_jsonl, render_chat, run_cli, save_checkpoint, set_seed, write_json)
 from sample import Sampling, chat_answers, tasks_as_asked
 
@@ -611,12 +611,15 @@ def main(config: Config) -> dict:
     if config.score:
         return score_one(config)
     start = time.time()
-    set_seed(config.seed)
-    device = choose_device(config.device)
     if not 2 <= config.samples_per_prompt:
         raise UsageError("--samples_per_prompt must be at least 2 (a ranking needs two completions)")
-    if not 0.0 <= config.heldout_fraction < 1.0:
-        raise UsageError("--heldout_fraction must be in [0, 1)")
+    check_options(config, positive=("temperature", "max_new_tokens", "max_iters", "prompts_per_step", "learning_rate",
+                                    "eval_interval"),
+                  not_negative=("max_prompts", "weight_decay", "center_penalty", "examples"),
+                  fractions=("heldout_fraction",))
+    check_out_dir(config.out_dir)
+    set_seed(config.seed)
+    device = choose_device(config.device)
     sft_path = config.init_from or os.path.join(config.out_dir, "sft.pt")
     reward_path = os.path.join(config.out_dir, "reward.pt")
     comparisons_path = os.path.join(config.out_dir, "comparisons.jsonl")

@@ -40,9 +40,9 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from model import (Progress, StopRequest, UsageError, answer_stops, autocast, by_length, check_same_tokenizer,
-                   choose_device, cut_prompt, load_checkpoint, load_model, plot_curves, render_chat, response_text,
-                   run_cli, save_checkpoint, set_seed, write_json)
+from model import (Progress, StopRequest, UsageError, answer_stops, autocast, by_length, check_options, check_out_dir,
+                   check_same_tokenizer, choose_device, cut_prompt, load_checkpoint, load_model, plot_curves,
+                   render_chat, response_text, run_cli, save_checkpoint, set_seed, write_json)
 from sample import Sampling, chat_answers, generate_answers, tasks_as_asked
 
 # -----------------------------------------------------------------------------------------------
@@ -698,6 +698,7 @@ def main(config: Config) -> dict:
     set_seed(config.seed)
     device = choose_device(config.device)
     check_config(config)
+    check_out_dir(config.out_dir)
     sft_path = config.init_from or os.path.join(config.out_dir, "sft.pt")
     reward_path = config.reward_model or os.path.join(config.out_dir, "reward.pt")
     rlhf_path = os.path.join(config.out_dir, "rlhf.pt")
@@ -879,6 +880,9 @@ def check_config(config):
         raise UsageError(f"--algo {config.algo}: expected reinforce, ppo or dpo")
     if config.reward not in ("model", "oracle"):
         raise UsageError(f"--reward {config.reward}: expected model or oracle")
+    if config.data and config.algo != "dpo":
+        raise UsageError("--data is DPO's preference file (--algo dpo); reinforce and ppo practise on the tiny "
+                         "world's RL prompts and take no --data")
     if config.algo == "dpo" and config.reward == "oracle":
         raise UsageError("--reward oracle scores samples, and dpo samples nothing: use it with reinforce or ppo")
     if config.algo == "reinforce" and config.samples_per_prompt < 2:
@@ -889,14 +893,13 @@ def check_config(config):
             raise UsageError(f"--{name} must be at least 1")
     if config.max_iters < 0:
         raise UsageError("--max_iters must be positive (or 0 for the algorithm's default)")
-    if config.kl_coef < 0 or config.learning_rate <= 0:
-        raise UsageError("--kl_coef must be >= 0 and --learning_rate > 0")
+    check_options(config, positive=("learning_rate", "dpo_beta"),
+                  not_negative=("kl_coef", "sft_coef", "pretrain_mix", "truncation_penalty", "grad_clip", "clip_range",
+                                "value_coef", "dpo_nll", "eval_tasks", "diversity_prompts"))
     if config.final_norm_learning_rate is not None and config.final_norm_learning_rate < 0:
         raise UsageError("--final_norm_learning_rate must be >= 0 (0 = the same as --learning_rate)")
-    if config.sft_coef < 0:
-        raise UsageError("--sft_coef must be >= 0 (0 = no SFT loss mixed into RL)")
-    if config.pretrain_mix < 0:
-        raise UsageError("--pretrain_mix must be >= 0 (0 = no pretraining text mixed into RL)")
+    if not 0.0 <= config.gae_lambda <= 1.0:
+        raise UsageError(f"--gae_lambda must lie between 0 and 1, got {config.gae_lambda}")
     if config.pretrain_mix > 0 and (config.sft_coef == 0 or config.algo == "dpo"):
         raise UsageError("--pretrain_mix adds rows to the demonstrations of reinforce and ppo: give it --sft_coef > 0")
 

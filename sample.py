@@ -1623,6 +1623,11 @@ def run(config, device):
         return {"answers": compare(config, device, retriever_for)}
     path = default_checkpoint(config)
     model, tokenizer, checkpoint = load_model(path, stages=GENERATING_STAGES, device=device)
+    asked = [f"--{name}" for name in ("json", "cot", "docs") if getattr(config, name)]
+    if checkpoint["stage"] == "pretrain" and asked:
+        raise UsageError(f"{' and '.join(asked)} {'shapes' if len(asked) == 1 else 'shape'} an assistant's answer, "
+                         f"and {path} is a base model, which "
+                         f"completes documents: give an sft or rlhf checkpoint with --ckpt")
     retriever = make_retriever(config, model, tokenizer, checkpoint)
     if config.best_of:
         best, answers, rewards = best_of_n(config, model, tokenizer, checkpoint, path, device, retriever)

@@ -46,9 +46,9 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from bpe import MESSAGE_PREFIX, UsageError, render_chat
-from model import (IGNORE_INDEX, Progress, atomic_path, autocast, chat_responses, check_resume_options, choose_device,
-                   load_checkpoint, load_model, prompt_room, read_jsonl, run_cli, save_checkpoint, set_seed,
-                   training_dtype, write_json)
+from model import (IGNORE_INDEX, Progress, atomic_path, autocast, chat_responses, check_options, check_out_dir,
+                   check_resume_options, choose_device, load_checkpoint, load_model, prompt_room, read_jsonl, run_cli,
+                   save_checkpoint, set_seed, training_dtype, write_json)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -735,18 +735,17 @@ def train(model, optimizer, config, batches, mix_stream, validation, device, ste
 def check_config(config):
     if config.base_precision == "int8" and config.lora_rank <= 0:
         raise UsageError("--base_precision int8 needs --lora_rank > 0: only a frozen base can be held in int8")
-    for name in ("max_iters", "batch_size", "eval_interval", "pretrain_mix_length"):
-        if getattr(config, name) <= 0:
-            raise UsageError(f"--{name} must be positive, got {getattr(config, name)}")
-    for name in ("pretrain_mix", "lora_rank", "warmup_iters", "eval_limit", "max_time", "reading_practice",
-                 "calculator_practice"):
-        if getattr(config, name) < 0:
-            raise UsageError(f"--{name} must not be negative, got {getattr(config, name)}")
+    check_options(config, positive=("max_iters", "batch_size", "eval_interval", "pretrain_mix_length", "learning_rate",
+                                    "lora_learning_rate", "lora_alpha", "eval_max_new_tokens"),
+                  not_negative=("pretrain_mix", "lora_rank", "warmup_iters", "eval_limit", "max_time", "reading_practice",
+                                "calculator_practice", "weight_decay", "grad_clip", "pretrain_mix_coef",
+                                "pretrain_mix_tokens"))
 
 
 def main(config: Config) -> dict:
     started = time.time()
     check_config(config)
+    check_out_dir(config.out_dir)
     set_seed(config.seed)
     device = choose_device(config.device)
     config = dataclasses.replace(config, dtype=training_dtype(device, config.dtype))   # what "auto" is here

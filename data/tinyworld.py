@@ -1305,6 +1305,9 @@ def write_files(world, folder):
                                          "heldout": t.heldout} for t in world.tasks(split))
     files["retrieval.txt"] = "\n\n".join(world.retrieval_documents()) + "\n"
     files["retrieval.jsonl"] = jsonl({"text": text} for text in world.retrieval_documents())
+    clashes = [name for name in files if os.path.isdir(os.path.join(folder, name))]
+    if clashes:   # checked before writing any file, so a failed write leaves no half of a set behind
+        raise ValueError(f"{os.path.join(folder, clashes[0])} is a folder; remove it or write to another folder")
     written = []
     for name, text in files.items():
         write_atomic(os.path.join(folder, name), text)
@@ -1370,6 +1373,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         started = time.time()
+        if args.scale <= 0:
+            raise ValueError(f"--scale must be positive, got {args.scale}")
         world = World(seed=args.seed, scale=args.scale)
         world.documents(), world.retrieval_documents()
         for split in SPLITS:
@@ -1379,8 +1384,15 @@ def main(argv=None):
             for name, size in write_files(world, args.folder):
                 print(f"wrote {os.path.join(args.folder, name)} ({size:,} bytes)")
         tokenizer = load_tokenizer(args.tokenizer) if args.command == "stats" and args.tokenizer else None
-    except (ValueError, OSError) as error:
+    except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:   # say which file, and what to do
+        if args.command == "write":
+            print(f"error: cannot write {error.filename or args.folder}: {error.strerror}; choose another folder",
+                  file=sys.stderr)
+        else:
+            print(f"error: {error.filename}: {error.strerror}", file=sys.stderr)
         return 2
     if args.command == "stats":
         print_stats(world, seconds, tokenizer)

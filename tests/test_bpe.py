@@ -381,6 +381,12 @@ def test_cli_train_and_show(tmp_path, capsys):
     assert summary.startswith(f"19 bytes -> {len(expected_ids)} tokens")
 
 
+def test_saving_onto_a_folder_is_a_one_line_error(tokenizer, tmp_path):
+    with pytest.raises(UsageError, match="is a folder: give a file name in it instead"):
+        tokenizer.save(str(tmp_path))
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize("argv, message", [
     (["train", "--data", "{bad}", "--vocab_size", "300"], r"--data .*bad\.txt:2: not UTF-8 text"),
     (["train", "--data", "{missing}", "--vocab_size", "300"], "no such file"),

@@ -4,6 +4,7 @@ checkpoints and their error paths, and reading GPT-2's files."""
 import json
 import math
 import os
+import re
 import struct
 import sys
 
@@ -11,8 +12,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from model import (GPT, IGNORE_INDEX, GPTConfig, UsageError, draw_from, gpt2_state_dict, import_gpt2,
-                   load_checkpoint, load_model, read_safetensors, sample_next, save_checkpoint)
+from model import (GPT, IGNORE_INDEX, GPTConfig, UsageError, atomic_path, check_options, draw_from, gpt2_state_dict,
+                   import_gpt2, load_checkpoint, load_model, parse_config, read_safetensors, sample_next,
+                   save_checkpoint)
 
 TINY = dict(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=16)
 
@@ -400,6 +402,33 @@ def test_checkpoint_error_paths(tmp_path, make_checkpoint, tiny_tokenizer):
     torch.save(checkpoint, tmp_path / "mismatch.pt")
     with pytest.raises(UsageError, match="do not fit"):
         load_model(str(tmp_path / "mismatch.pt"))
+
+
+def test_a_folder_where_a_file_belongs_is_a_one_line_error(tmp_path):
+    with pytest.raises(UsageError, match=f"{tmp_path} is a folder: pass a checkpoint file, such as {tmp_path}/sft.pt"):
+        load_checkpoint(str(tmp_path), stages="sft")
+    with pytest.raises(UsageError, match="is a folder: give a file name in it instead"):
+        with atomic_path(str(tmp_path)):
+            pass
+    assert os.listdir(tmp_path) == []   # and nothing was left behind
+
+
+def test_option_values_no_run_could_use_are_one_line_errors_naming_the_option(capsys):
+    from pretrain import Config
+    with pytest.raises(SystemExit) as exit_info:   # argparse's own: one line and where the options are
+        parse_config(Config, ["--max_iters", "abc"])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and error.count("\n") == 1
+    assert error.startswith("error: argument --max_iters: invalid int value: 'abc' (`python ")
+    assert error.endswith(" --help` lists the options)\n")
+    for values, message in [({"learning_rate": -1.0}, "--learning_rate must be positive, got -1.0"),
+                            ({"weight_decay": -0.5}, "--weight_decay must not be negative, got -0.5"),
+                            ({"dropout": 1.5}, "--dropout must be at least 0 and below 1, got 1.5")]:
+        with pytest.raises(UsageError, match=re.escape(message)):
+            check_options(Config(**values), positive=["learning_rate"], not_negative=["weight_decay"],
+                          fractions=["dropout"])
+    check_options(Config(dropout=0.0, weight_decay=0.0), positive=["learning_rate"], not_negative=["weight_decay"],
+                  fractions=["dropout"])   # the edges that are allowed
 
 
 def test_a_chat_checkpoint_from_before_the_message_space_warns(tmp_path, make_checkpoint, capsys):

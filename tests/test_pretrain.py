@@ -256,6 +256,7 @@ BAD_INPUTS = {
     "latin1.txt": "caf\u00e9 cr\u00e8me ".encode("latin-1") * 50,
     "short.txt": b"Too short for one context.",
     "notext.jsonl": b'{"content": "the field is called text"}\n',
+    "records.json": b'{"text": "a .json file is not read as records"}\n',
 }
 
 

@@ -338,6 +338,11 @@ def test_missing_and_wrong_stage_checkpoints_are_clear_errors(tmp_path, make_che
     make_checkpoint(tmp_path / "reward.pt", "reward")
     with pytest.raises(UsageError, match="two texts"):
         main(Config(out_dir=str(tmp_path), score=["only a prompt"], device="cpu"))
+    for values, message in [({"max_iters": 0}, "--max_iters must be positive"),
+                            ({"eval_interval": 0}, "--eval_interval must be positive"),
+                            ({"learning_rate": -1.0}, "--learning_rate must be positive")]:
+        with pytest.raises(UsageError, match=message):   # not a traceback, nor an untrained reward.pt
+            main(Config(out_dir=str(tmp_path), init_from=pretrain, device="cpu", **values))
 
 
 def test_all_tied_comparisons_are_a_clear_error(tmp_path, make_checkpoint):

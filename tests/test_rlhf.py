@@ -498,6 +498,8 @@ def test_missing_inputs_give_clear_errors(tmp_path, make_checkpoint, tiny_tokeni
         rlhf.main(tiny_config(tmp_path, samples_per_prompt=1))
     with pytest.raises(UsageError, match="--pretrain_mix adds rows .* --sft_coef > 0"):
         rlhf.main(tiny_config(tmp_path, sft_coef=0.0, pretrain_mix=4))
+    with pytest.raises(UsageError, match="--data is DPO's preference file"):   # not silently ignored
+        rlhf.main(tiny_config(tmp_path, data=str(tmp_path / "pairs.jsonl")))
 
 
 def test_reward_model_with_another_tokenizer_is_refused(tmp_path, make_checkpoint, world):

@@ -249,6 +249,11 @@ def test_clear_errors(tmp_path, make_checkpoint):
         sft.main(tiny_config(tmp_path))
     with pytest.raises(UsageError, match="--lora_rank"):
         sft.main(tiny_config(tmp_path, base_precision="int8"))
+    with pytest.raises(UsageError, match="--learning_rate must be positive"):
+        sft.main(tiny_config(tmp_path, learning_rate=-1.0))
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(UsageError, match="--out_dir .*a-file: cannot write there"):   # before minutes of work
+        sft.main(tiny_config(tmp_path / "a-file", init_from=str(tmp_path / "pretrain.pt")))
 
 
 @pytest.mark.parametrize("lora_rank", [0, 4])
