@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from bpe import SPECIAL_TOKENS, Tokenizer, UsageError
+from bpe import SPECIAL_TOKENS, Tokenizer, UsageError, load_any_tokenizer
 from model import (GPT, GPTConfig, Progress, StopRequest, atomic_path, autocast, check_options, check_out_dir,
                    check_resume_options, choose_device, load_checkpoint, plot_curves, read_jsonl, run_cli,
                    save_checkpoint, training_dtype, write_json)
@@ -51,7 +51,8 @@ class Config:
     # data
     data: str = field(default="", metadata={"help": "a .txt file, a folder of .txt files, or JSONL with a "
                                                     "\"text\" field; empty = the tiny world"})
-    tokenizer: str = field(default="", metadata={"help": "reuse this tokenizer file (bpe.py) instead of training one"})
+    tokenizer: str = field(default="", metadata={"help": "reuse this tokenizer (a bpe.py file, or the one inside a "
+                                                         "checkpoint such as out/pretrain.pt) instead of training one"})
     vocab_size: int = field(default=1024, metadata={"help": "tokenizer size when training one, special tokens "
                                                           "included; 256 = plain bytes (+ the special tokens)"})
     val_fraction: float = field(default=0.1, metadata={"help": "share of the documents held out for validation"})
@@ -257,7 +258,7 @@ def load_tokenizer(path):
     if not os.path.isfile(path):
         raise UsageError(f"--tokenizer {path}: no such file (bpe.py writes one)")
     try:
-        tokenizer = Tokenizer.load(path)
+        tokenizer = load_any_tokenizer(path)
     except UsageError:
         raise
     except Exception as error:

@@ -1316,13 +1316,14 @@ def write_files(world, folder):
 
 
 def load_tokenizer(path):
-    """A bpe.py tokenizer file, to count the corpus in tokens (bpe.py is imported only for this)."""
+    """A bpe.py tokenizer file or a checkpoint holding one, to count the corpus in tokens (bpe.py is
+    imported only for this)."""
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from bpe import Tokenizer, UsageError
+    from bpe import UsageError, load_any_tokenizer
     if not os.path.isfile(path):
         raise ValueError(f"--tokenizer {path}: no such file (bpe.py or pretrain.py makes one)")
     try:
-        return Tokenizer.load(path)
+        return load_any_tokenizer(path)
     except UsageError as error:
         raise ValueError(str(error)) from None
 
@@ -1369,7 +1370,8 @@ def main(argv=None):
     for command in (stats, write):
         command.add_argument("--seed", type=int, default=0, help="the world's seed (default 0)")
         command.add_argument("--scale", type=float, default=1.0, help="multiplies the number of documents")
-    stats.add_argument("--tokenizer", default=None, help="a bpe.py tokenizer file: also count corpus tokens")
+    stats.add_argument("--tokenizer", default=None, help="a bpe.py tokenizer file, or a checkpoint such as "
+                                                         "out/pretrain.pt: also count corpus tokens")
     args = parser.parse_args(argv)
     try:
         started = time.time()

@@ -102,6 +102,15 @@ def test_tokens_are_cached_and_reused(corpus_file, tmp_path):
     assert other.key != first.key and not other.from_cache
 
 
+def test_a_tokenizer_is_reused_from_its_file_or_from_a_checkpoint(corpus_file, tmp_path, make_checkpoint, tiny_tokenizer):
+    tiny_tokenizer.save(str(tmp_path / "tokenizer.json"))
+    checkpoint = make_checkpoint(tmp_path / "some.pt", "sft")   # holds tiny_tokenizer
+    from_file = prepare_corpus(tiny_config(corpus_file, tmp_path / "a", tokenizer=str(tmp_path / "tokenizer.json")))
+    from_checkpoint = prepare_corpus(tiny_config(corpus_file, tmp_path / "b", tokenizer=checkpoint))
+    assert from_file.tokenizer.to_dict() == from_checkpoint.tokenizer.to_dict() == tiny_tokenizer.to_dict()
+    assert np.array_equal(from_file.train, from_checkpoint.train)
+
+
 def test_show_batch_prints_rows_and_their_targets(corpus_file, tmp_path, capsys):
     assert pretrain.main(tiny_config(corpus_file, tmp_path, show_batch=True)) == {}
     shown = capsys.readouterr().out
