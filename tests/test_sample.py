@@ -309,8 +309,9 @@ def test_chain_of_thought_answers_may_run_past_max_new_tokens(tmp_path, make_che
 
 
 def test_a_long_answer_budget_still_leaves_the_prompt_half_the_context(tmp_path, make_checkpoint, recorded_prompts):
-    """--cot lets an answer run to the end of the context; the base model must still see its text."""
+    """An answer budget as long as the context (as --cot gives a chat model); the base model must still
+    see its text."""
     path = make_checkpoint(tmp_path / "pretrain.pt", "pretrain")
     model, _, _ = load_model(path)
-    main(Config(ckpt=path, prompt="the cat lives near a small river and " * 40, max_new_tokens=4, cot=True))
+    main(Config(ckpt=path, prompt="the cat lives near a small river and " * 40, max_new_tokens=model.config.block_size))
     assert len(recorded_prompts[0]) == model.config.block_size // 2
