@@ -526,6 +526,9 @@ def main(config: Config) -> dict:
     started = time.time()
     config = apply_preset(config)
     check_config(config)
+    checkpoint_path = os.path.join(config.out_dir, "pretrain.pt")
+    if config.resume and not os.path.isfile(checkpoint_path):   # before the tokenizer and the data are made
+        raise UsageError(f"--resume: {checkpoint_path} not found (nothing to resume; run without --resume)")
     rank, world_size, device = start_processes(config.device)
     config = dataclasses.replace(config, dtype=training_dtype(device, config.dtype))   # what "auto" is here
     try:

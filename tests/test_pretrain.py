@@ -190,6 +190,9 @@ def test_resume_retraces_the_uninterrupted_run(corpus_file, tmp_path):
     first_half = dataclasses.replace(straight, out_dir=str(tmp_path / "halves"), max_iters=6)
     pretrain.main(first_half)
     assert resume_state(tmp_path / "halves")["step"] == 6
+    with pytest.raises(UsageError, match="--resume: .*pretrain.pt not found"):   # before any tokenizer is trained
+        pretrain.main(dataclasses.replace(first_half, out_dir=str(tmp_path / "nothing"), resume=True))
+    assert not os.path.exists(tmp_path / "nothing" / "cache")
     with pytest.raises(UsageError, match="--seed 7; resume with the same option"):   # another run's batches
         pretrain.main(dataclasses.replace(first_half, max_iters=12, resume=True, seed=8))
     pretrain.main(dataclasses.replace(first_half, max_iters=12, resume=True))
