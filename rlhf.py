@@ -42,7 +42,7 @@ from torch.nn import functional as F
 
 from model import (Progress, StopRequest, UsageError, answer_stops, autocast, by_length, check_options, check_out_dir,
                    check_same_tokenizer, choose_device, cut_prompt, load_checkpoint, load_model, plot_curves,
-                   render_chat, response_text, run_cli, save_checkpoint, set_seed, write_json)
+                   read_jsonl, render_chat, response_text, run_cli, save_checkpoint, set_seed, write_json)
 from sample import Sampling, chat_answers, generate_answers, tasks_as_asked
 
 # -----------------------------------------------------------------------------------------------
@@ -62,7 +62,9 @@ class Config:
         "help": "reinforce/ppo: what scores the samples: model (the reward model, RLHF) or oracle (the labelers "
                 "themselves, the tiny world's grader: a verifiable reward, and the measure of what the reward "
                 "model's mistakes cost)", "choices": ["model", "oracle"]})
-    data: str = field(default="", metadata={"help": "dpo: preference JSONL (default: <out_dir>/comparisons.jsonl)"})
+    data: str = field(default="", metadata={"help": "reinforce/ppo: RL prompts as JSONL ({\"prompt\": ...} lines; "
+                                                    "default: the tiny world's RL split); dpo: preference JSONL "
+                                                    "(default: <out_dir>/comparisons.jsonl)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N or mps"})
     seed: int = field(default=1337, metadata={"help": "seed of prompt order, sampling and evaluation"})
     max_iters: int = field(default=0, metadata={
@@ -676,6 +678,16 @@ def demonstration_loss(policy, demonstrations, device):
     return sum(policy(inputs.to(device), targets.to(device))[1] for inputs, targets in demonstrations)
 
 
+def read_prompts(path):
+    """RL prompts in TRL's shape, {"prompt": "..."} per line (other fields are ignored)."""
+    prompts = []
+    for line, record in read_jsonl(path):
+        if not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
+            raise UsageError(f"{path}:{line}: expected a \"prompt\" field holding a non-empty string")
+        prompts.append(record["prompt"])
+    return prompts
+
+
 def batch_of(items, step, size, seed):
     """Batch `step` of an endless stream of seeded shuffles of items: a function of the step alone, so
     a resumed run sees exactly the batches an uninterrupted one would."""
@@ -724,8 +736,12 @@ def main(config: Config) -> dict:
         def reward_fn(prompts, responses):
             return reward_scores(reward_model, tokenizer, prompts, responses, batch_size=config.micro_batch)
 
-    # --- data: the world's RL prompts (or the comparisons, for dpo), its held-out tasks
-    prompts = [task.prompt for task in world.tasks("rl")]
+    # --- data: the RL prompts (the world's, or --data's), or the comparisons for dpo; the held-out tasks
+    if config.data and config.algo != "dpo":
+        prompts = read_prompts(config.data)
+        print(f"{config.algo}: {len(prompts)} RL prompts from {config.data}")
+    else:
+        prompts = [task.prompt for task in world.tasks("rl")]
     pairs = None
     if config.algo == "dpo":
         from reward import read_preferences
@@ -818,7 +834,8 @@ def main(config: Config) -> dict:
             else:
                 line = rollout_step(policy, reference, value_head, optimizer, tokenizer,
                                     batch_of(prompts, step, config.prompts_per_step, config.seed),
-                                    reward_fn, normalizer, config, step, world,
+                                    reward_fn, normalizer, config, step,
+                                    None if config.data else world,   # the oracle grades only its own prompts
                                     demonstrations(step) if demonstrations else None)
             for key, value in line.items():
                 history.setdefault(key, []).append(value)
@@ -880,9 +897,9 @@ def check_config(config):
         raise UsageError(f"--algo {config.algo}: expected reinforce, ppo or dpo")
     if config.reward not in ("model", "oracle"):
         raise UsageError(f"--reward {config.reward}: expected model or oracle")
-    if config.data and config.algo != "dpo":
-        raise UsageError("--data is DPO's preference file (--algo dpo); reinforce and ppo practise on the tiny "
-                         "world's RL prompts and take no --data")
+    if config.data and config.reward == "oracle":
+        raise UsageError("--reward oracle grades only the tiny world's own prompts; with --data prompts use the "
+                         "reward model")
     if config.algo == "dpo" and config.reward == "oracle":
         raise UsageError("--reward oracle scores samples, and dpo samples nothing: use it with reinforce or ppo")
     if config.algo == "reinforce" and config.samples_per_prompt < 2:

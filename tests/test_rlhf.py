@@ -456,6 +456,26 @@ def test_dpo_never_trains_on_the_heldout_prompts_it_is_graded_on(tmp_path, make_
     assert seen and {prompt for prompt, _, _ in seen} == {training}
 
 
+def test_reinforce_practises_on_the_prompts_of_data(tmp_path, make_checkpoint, monkeypatch):
+    """--data with reinforce or ppo: RL prompts in TRL's {"prompt": ...} shape, practised on instead of the
+    tiny world's (which the oracle can grade, so the log has no oracle column for them)."""
+    make_checkpoint(tmp_path / "sft.pt", "sft")
+    make_checkpoint(tmp_path / "reward.pt", "reward", seed=1)
+    mine = ["Tell me a joke.", "Name a colour.", "Say hello."]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p, "id": i}) + "\n" for i, p in enumerate(mine)))
+    practised, real_step = [], rlhf.rollout_step
+
+    def recording(policy, reference, value_head, optimizer, tokenizer, prompts, *args, **kwargs):
+        practised.extend(prompts)
+        return real_step(policy, reference, value_head, optimizer, tokenizer, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(rlhf, "rollout_step", recording)
+    rlhf.main(tiny_config(tmp_path, data=str(tmp_path / "prompts.jsonl"), max_iters=3))
+    assert sorted(set(practised)) == sorted(mine) and len(practised) == 3 * 2
+    history = torch.load(tmp_path / "rlhf.pt", weights_only=True)["resume"]["history"]
+    assert "oracle" not in history and len(history["reward"]) == 3
+
+
 def test_the_oracle_can_be_the_reward_and_needs_no_reward_model(tmp_path, make_checkpoint, world):
     """--reward oracle: the tiny world's grader scores the samples (there is no reward.pt to read), so the
     reward RL logs is the oracle's score of the same samples, step by step. The SFT model has learnt the
@@ -498,8 +518,11 @@ def test_missing_inputs_give_clear_errors(tmp_path, make_checkpoint, tiny_tokeni
         rlhf.main(tiny_config(tmp_path, samples_per_prompt=1))
     with pytest.raises(UsageError, match="--pretrain_mix adds rows .* --sft_coef > 0"):
         rlhf.main(tiny_config(tmp_path, sft_coef=0.0, pretrain_mix=4))
-    with pytest.raises(UsageError, match="--data is DPO's preference file"):   # not silently ignored
-        rlhf.main(tiny_config(tmp_path, data=str(tmp_path / "pairs.jsonl")))
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "Hello?"}\n{"question": "no prompt field"}\n')
+    with pytest.raises(UsageError, match=r"prompts.jsonl:2: expected a \"prompt\" field"):
+        rlhf.main(tiny_config(tmp_path, data=str(tmp_path / "prompts.jsonl")))
+    with pytest.raises(UsageError, match="--reward oracle grades only the tiny world's own prompts"):
+        rlhf.main(tiny_config(tmp_path, data=str(tmp_path / "prompts.jsonl"), reward="oracle"))
 
 
 def test_reward_model_with_another_tokenizer_is_refused(tmp_path, make_checkpoint, world):
