@@ -480,15 +480,19 @@ class Tokenizer:
         """Load OpenAI's GPT-2 tokenizer (encoder.json + vocab.bpe; Hugging Face's vocab.json + merges.txt
         are the same format). Ids follow encoder.json, so encodings match GPT-2's. Our special tokens
         that encoder.json lacks are appended after its last id (<|endoftext|> keeps GPT-2's 50256)."""
+        def read(path):
+            try:
+                with open(path, encoding="utf-8") as file:
+                    return file.read()
+            except FileNotFoundError:
+                raise UsageError(f"{path}: no such file") from None
+            except UnicodeDecodeError:
+                raise UsageError(f"{path}: not UTF-8 text") from None
         try:
-            with open(encoder_json, encoding="utf-8") as file:
-                encoder = json.load(file)
-            with open(vocab_bpe, encoding="utf-8") as file:
-                merge_lines = file.read().split("\n")
-        except FileNotFoundError as error:
-            raise UsageError(f"{error.filename}: no such file") from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            encoder = json.loads(read(encoder_json))
+        except json.JSONDecodeError as error:
             raise UsageError(f"{encoder_json}: not a GPT-2 encoder.json ({error})") from None
+        merge_lines = read(vocab_bpe).split("\n")
         if not isinstance(encoder, dict) or not all(type(i) is int for i in encoder.values()):
             raise UsageError(f"{encoder_json}: not a GPT-2 encoder.json (expected {{token: id}})")
         byte_to_char = gpt2_bytes_to_unicode()

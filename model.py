@@ -393,6 +393,9 @@ class GPT(nn.Module):
             raise UsageError(f"{config_path}: not a JSON object") from None
         except KeyError as error:
             raise UsageError(f"{config_path}: no {error.args[0]!r}; is this a GPT-2 config.json?") from None
+        except TypeError:   # a size that is not a number
+            raise UsageError(f"{config_path}: vocab_size, n_layer, n_head, n_embd and n_positions must be "
+                             f"whole numbers") from None
         safetensors_path = os.path.join(folder, "model.safetensors")
         pickle_path = os.path.join(folder, "pytorch_model.bin")
         if os.path.isfile(safetensors_path):
@@ -402,6 +405,8 @@ class GPT(nn.Module):
                 weights = torch.load(pickle_path, map_location="cpu", weights_only=True)
             except Exception as error:
                 raise UsageError(f"{pickle_path} is damaged or not plain weights ({type(error).__name__})") from None
+            if not isinstance(weights, dict):
+                raise UsageError(f"{pickle_path} holds a {type(weights).__name__}, not a state dict of named tensors")
         else:
             raise UsageError(f"{folder}: no model.safetensors or pytorch_model.bin beside config.json")
         model = cls(config)

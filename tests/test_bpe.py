@@ -291,6 +291,9 @@ def test_gpt2_files_errors(tmp_path):
         Tokenizer.from_gpt2_files(encoder_path, merges_path)
     with pytest.raises(UsageError, match="no such file"):
         Tokenizer.from_gpt2_files(tmp_path / "missing.json", merges_path)
+    merges_path.write_bytes(b"#version: 0.2\n\xff\xfe\n")
+    with pytest.raises(UsageError, match=r"vocab\.bpe: not UTF-8 text"):   # the file that is at fault
+        Tokenizer.from_gpt2_files(encoder_path, merges_path)
     encoder_path.write_text('{"a": 1', encoding="utf-8")
     with pytest.raises(UsageError, match="not a GPT-2 encoder.json"):
         Tokenizer.from_gpt2_files(encoder_path, merges_path)

@@ -542,6 +542,14 @@ def test_from_pretrained_error_paths(tmp_path):
                       {name: ("F32", list(t.shape), raw_bytes(t)) for name, t in hugging_face_tensors(wrong).items()})
     with pytest.raises(UsageError, match="do not fit its config.json"):
         GPT.from_pretrained(str(folder))
+    os.remove(folder / "model.safetensors")
+    torch.save([torch.zeros(2)], folder / "pytorch_model.bin")   # loads, but holds no named weights
+    with pytest.raises(UsageError, match="pytorch_model.bin holds a list, not a state dict"):
+        GPT.from_pretrained(str(folder))
+    settings = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**settings, "n_layer": "two"}))
+    with pytest.raises(UsageError, match="must be whole numbers"):
+        GPT.from_pretrained(str(folder))
 
 
 def test_gpt2_state_dict_upcasts_half_precision():
