@@ -1051,21 +1051,25 @@ class JsonMask:
 CHUNK_WORDS = 80
 
 
+def read_text(path):
+    """A UTF-8 text file's contents; anything else (a checkpoint, a Latin-1 file) is a one-line error."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            return file.read()
+    except UnicodeDecodeError as error:
+        raise UsageError(f"--docs {path}: not UTF-8 text (byte {error.start}); give a text file") from None
+
+
 def read_documents(path):
     """A text file (documents separated by blank lines) or a folder of .txt files (one document each)."""
     if os.path.isdir(path):
         names = sorted(name for name in os.listdir(path) if name.endswith(".txt"))
         if not names:
             raise UsageError(f"--docs {path}: the folder has no .txt files")
-        documents = []
-        for name in names:
-            with open(os.path.join(path, name), encoding="utf-8", errors="replace") as file:
-                documents.append(file.read())
-        return documents
+        return [read_text(os.path.join(path, name)) for name in names]
     if not os.path.isfile(path):
         raise UsageError(f"--docs {path}: no such file or folder")
-    with open(path, encoding="utf-8", errors="replace") as file:
-        documents = [part.strip() for part in re.split(r"\n\s*\n", file.read()) if part.strip()]
+    documents = [part.strip() for part in re.split(r"\n\s*\n", read_text(path)) if part.strip()]
     if not documents:
         raise UsageError(f"--docs {path}: the file is empty")
     return documents

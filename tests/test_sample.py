@@ -279,6 +279,7 @@ def test_unknown_option_values_and_an_empty_prompt_are_refused(tmp_path, make_ch
                          (dict(prompt="hi", schema='a"b', json=True), "needs escaping"),
                          (dict(prompt="hi", schema="a"), "--schema only applies with --json"),
                          (dict(prompt="hi", docs=str(tmp_path / "missing.txt")), "no such file"),
+                         (dict(prompt="hi", docs=path), "not UTF-8 text"),   # a checkpoint is no text
                          (dict(out_dir=str(tmp_path / "empty"), prompt="hi"), "run `python pretrain.py` first")]:
         with pytest.raises(UsageError, match=re.escape(message)):
             main(Config(ckpt=path if "out_dir" not in bad else "", **bad))
