@@ -256,7 +256,8 @@ def tokenizer_size(vocab_size):
 
 def load_tokenizer(path):
     if not os.path.isfile(path):
-        raise UsageError(f"--tokenizer {path}: no such file (bpe.py writes one)")
+        raise UsageError(f"--tokenizer {path}: no such file (bpe.py writes one; a checkpoint such as "
+                         f"out/pretrain.pt holds one)")
     try:
         tokenizer = load_any_tokenizer(path)
     except UsageError:

@@ -797,6 +797,8 @@ def main(config: Config) -> dict:
             raise UsageError(f"{rlhf_path} was trained with --algo {state['algo']}; resume with that")
         if state.get("reward", "model") != config.reward:
             raise UsageError(f"{rlhf_path} was trained with --reward {state.get('reward', 'model')}; resume with that")
+        if state.get("data", "") != config.data:   # other prompts or pairs would be another run's batches
+            raise UsageError(f"{rlhf_path} was trained with --data {state.get('data', '')!r}; resume with that")
         policy.load_state_dict(checkpoint["model"])
         rates = [group["lr"] for group in optimizer.param_groups]
         optimizer.load_state_dict(state["optimizer"])   # (this restores the saved rates too)
@@ -880,7 +882,8 @@ def main(config: Config) -> dict:
     metrics.update({"seconds/train": round(train_seconds, 1), "seconds": round(time.time() - start, 1)})
 
     # --- save (with the training state, so --resume can continue or extend the run)
-    state = {"algo": config.algo, "reward": config.reward, "step": completed, "optimizer": optimizer.state_dict(),
+    state = {"algo": config.algo, "reward": config.reward, "data": config.data, "step": completed,
+             "optimizer": optimizer.state_dict(),
              "history": history, "before": before, "reward_mean": normalizer.mean, "reward_std": normalizer.std,
              "value_head": value_head.state_dict() if value_head is not None else None}
     save_checkpoint(rlhf_path, stage="rlhf", model=policy, tokenizer=tokenizer,
@@ -897,7 +900,7 @@ def check_config(config):
         raise UsageError(f"--algo {config.algo}: expected reinforce, ppo or dpo")
     if config.reward not in ("model", "oracle"):
         raise UsageError(f"--reward {config.reward}: expected model or oracle")
-    if config.data and config.reward == "oracle":
+    if config.data and config.reward == "oracle" and config.algo != "dpo":
         raise UsageError("--reward oracle grades only the tiny world's own prompts; with --data prompts use the "
                          "reward model")
     if config.algo == "dpo" and config.reward == "oracle":

@@ -1627,7 +1627,7 @@ def run(config, device):
         return {"answers": compare(config, device, retriever_for)}
     path = default_checkpoint(config)
     model, tokenizer, checkpoint = load_model(path, stages=GENERATING_STAGES, device=device)
-    asked = [f"--{name}" for name in ("json", "cot", "docs") if getattr(config, name)]
+    asked = [f"--{name}" for name in ("json", "cot", "retrieval", "docs") if getattr(config, name)]
     if checkpoint["stage"] == "pretrain" and asked:
         raise UsageError(f"{' and '.join(asked)} {'shapes' if len(asked) == 1 else 'shape'} an assistant's answer, "
                          f"and {path} is a base model, which "

@@ -745,7 +745,8 @@ def check_config(config):
 def main(config: Config) -> dict:
     started = time.time()
     check_config(config)
-    check_out_dir(config.out_dir)
+    if not config.show_example:   # which only prints
+        check_out_dir(config.out_dir)
     set_seed(config.seed)
     device = choose_device(config.device)
     config = dataclasses.replace(config, dtype=training_dtype(device, config.dtype))   # what "auto" is here

@@ -1306,7 +1306,7 @@ def write_files(world, folder):
     files["retrieval.txt"] = "\n\n".join(world.retrieval_documents()) + "\n"
     files["retrieval.jsonl"] = jsonl({"text": text} for text in world.retrieval_documents())
     clashes = [name for name in files if os.path.isdir(os.path.join(folder, name))]
-    if clashes:   # checked before writing any file, so a failed write leaves no half of a set behind
+    if clashes:   # a folder in a file's place is found before any file is written
         raise ValueError(f"{os.path.join(folder, clashes[0])} is a folder; remove it or write to another folder")
     written = []
     for name, text in files.items():
@@ -1391,8 +1391,7 @@ def main(argv=None):
         return 2
     except OSError as error:   # say which file, and what to do
         if args.command == "write":
-            print(f"error: cannot write {error.filename or args.folder}: {error.strerror}; choose another folder",
-                  file=sys.stderr)
+            print(f"error: cannot write to {args.folder}: {error.strerror}; choose another folder", file=sys.stderr)
         else:
             print(f"error: {error.filename}: {error.strerror}", file=sys.stderr)
         return 2

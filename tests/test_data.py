@@ -393,10 +393,11 @@ def test_command_line_writes_the_files(tmp_path, capsys):
     assert main(["stats", "--scale", "0.05"]) == 0
     assert "prompts per family and split" in capsys.readouterr().out
     assert main(["write", str(tmp_path / "corpus.txt" / "x")]) == 2  # a file where a folder should be
-    assert "cannot write" in capsys.readouterr().err
+    assert f"cannot write to {tmp_path / 'corpus.txt' / 'x'}" in capsys.readouterr().err
     clash = tmp_path / "clash"
     (clash / "sft.jsonl").mkdir(parents=True)   # a folder where one of the files should be
     assert main(["write", str(clash), "--scale", "0.05"]) == 2
     assert "sft.jsonl is a folder" in capsys.readouterr().err
     assert os.listdir(clash) == ["sft.jsonl"]   # no half of a set written before the failure
     assert main(["write", str(tmp_path / "w"), "--scale", "-1"]) == 2
+    assert "--scale must be positive" in capsys.readouterr().err   # names the option, not World(scale=...)

@@ -405,12 +405,14 @@ def test_checkpoint_error_paths(tmp_path, make_checkpoint, tiny_tokenizer):
 
 
 def test_a_folder_where_a_file_belongs_is_a_one_line_error(tmp_path):
-    with pytest.raises(UsageError, match=f"{tmp_path} is a folder: pass a checkpoint file, such as {tmp_path}/sft.pt"):
-        load_checkpoint(str(tmp_path), stages="sft")
+    folder = tmp_path / "out"
+    folder.mkdir()
+    with pytest.raises(UsageError, match=f"{folder} is a folder: pass a checkpoint file, such as {folder}/sft.pt"):
+        load_checkpoint(str(folder), stages="sft")
     with pytest.raises(UsageError, match="is a folder: give a file name in it instead"):
-        with atomic_path(str(tmp_path)):
+        with atomic_path(str(folder)):   # its temporary file would go beside the folder, in tmp_path
             pass
-    assert os.listdir(tmp_path) == []   # and nothing was left behind
+    assert os.listdir(tmp_path) == ["out"] and os.listdir(folder) == []   # nothing left behind
 
 
 def test_option_values_no_run_could_use_are_one_line_errors_naming_the_option(capsys):

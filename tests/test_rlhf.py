@@ -474,6 +474,8 @@ def test_reinforce_practises_on_the_prompts_of_data(tmp_path, make_checkpoint, m
     assert sorted(set(practised)) == sorted(mine) and len(practised) == 3 * 2
     history = torch.load(tmp_path / "rlhf.pt", weights_only=True)["resume"]["history"]
     assert "oracle" not in history and len(history["reward"]) == 3
+    with pytest.raises(UsageError, match="was trained with --data"):   # other prompts are another run
+        rlhf.main(tiny_config(tmp_path, max_iters=4, resume=True))
 
 
 def test_the_oracle_can_be_the_reward_and_needs_no_reward_model(tmp_path, make_checkpoint, world):
@@ -523,6 +525,8 @@ def test_missing_inputs_give_clear_errors(tmp_path, make_checkpoint, tiny_tokeni
         rlhf.main(tiny_config(tmp_path, data=str(tmp_path / "prompts.jsonl")))
     with pytest.raises(UsageError, match="--reward oracle grades only the tiny world's own prompts"):
         rlhf.main(tiny_config(tmp_path, data=str(tmp_path / "prompts.jsonl"), reward="oracle"))
+    with pytest.raises(UsageError, match="dpo samples nothing"):   # dpo's --data is pairs: the real reason
+        rlhf.main(tiny_config(tmp_path, data=str(tmp_path / "prompts.jsonl"), reward="oracle", algo="dpo"))
 
 
 def test_reward_model_with_another_tokenizer_is_refused(tmp_path, make_checkpoint, world):

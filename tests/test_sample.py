@@ -286,9 +286,9 @@ def test_unknown_option_values_and_an_empty_prompt_are_refused(tmp_path, make_ch
     with pytest.raises(UsageError, match="is a 'reward' checkpoint"):
         main(Config(ckpt=make_checkpoint(tmp_path / "reward.pt", "reward"), prompt="hi"))
     base = make_checkpoint(tmp_path / "pretrain.pt", "pretrain")
-    for bad in (dict(json=True), dict(cot=True), dict(docs=str(tmp_path / "missing.txt"))):   # not silently ignored
+    for bad in (dict(json=True), dict(cot=True), dict(retrieval=True), dict(docs=str(tmp_path / "missing.txt"))):
         with pytest.raises(UsageError, match="an assistant's answer, and .*pretrain.pt is a base model"):
-            main(Config(ckpt=base, prompt="The capital of", **bad))
+            main(Config(ckpt=base, prompt="The capital of", **bad))   # not silently ignored
 
 
 def test_chain_of_thought_answers_may_run_past_max_new_tokens(tmp_path, make_checkpoint, monkeypatch):
