@@ -759,6 +759,17 @@ def check_out_dir(out_dir):
         raise UsageError(f"--out_dir {out_dir}: cannot write there ({error.strerror}); choose another") from None
 
 
+def read_text(path):
+    """A UTF-8 text file's contents; anything else (a checkpoint, a Latin-1 file) is a one-line error."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            return file.read()
+    except UnicodeDecodeError as error:
+        raise UsageError(f"{path}: not UTF-8 text (bad byte at offset {error.start}); convert it to UTF-8 first") from None
+    except OSError as error:
+        raise UsageError(f"{path}: cannot read ({error.strerror})") from None
+
+
 def write_json(path, data):
     with atomic_path(path) as temporary:
         with open(temporary, "w", encoding="utf-8") as file:

@@ -36,8 +36,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from bpe import SPECIAL_TOKENS, Tokenizer, UsageError, load_any_tokenizer
 from model import (GPT, GPTConfig, Progress, StopRequest, atomic_path, autocast, check_options, check_out_dir,
-                   check_resume_options, choose_device, load_checkpoint, plot_curves, read_jsonl, run_cli,
-                   save_checkpoint, training_dtype, write_json)
+                   check_resume_options, choose_device, load_checkpoint, plot_curves, read_jsonl, read_text,
+                   run_cli, save_checkpoint, training_dtype, write_json)
 
 EOT = "<|endoftext|>"
 
@@ -133,16 +133,6 @@ def check_config(config):
 
 # -----------------------------------------------------------------------------------------------
 # Data, part 1: documents. The tiny world by default; else the user's text.
-
-def read_text(path):
-    try:
-        with open(path, encoding="utf-8") as file:
-            return file.read()
-    except UnicodeDecodeError as error:
-        raise UsageError(f"{path}: not UTF-8 text (bad byte at offset {error.start}); convert it to UTF-8 first") from None
-    except OSError as error:
-        raise UsageError(f"{path}: cannot read ({error.strerror})") from None
-
 
 def load_documents(data):
     """-> (documents, a short description). A text file is one document; a folder gives one document

@@ -907,13 +907,11 @@ def check_config(config):
         raise UsageError("--reward oracle scores samples, and dpo samples nothing: use it with reinforce or ppo")
     if config.algo == "reinforce" and config.samples_per_prompt < 2:
         raise UsageError("--samples_per_prompt must be at least 2: the leave-one-out baseline compares siblings")
-    for name in ("prompts_per_step", "samples_per_prompt", "max_new_tokens", "dpo_batch_size",
-                 "ppo_epochs", "ppo_minibatches", "micro_batch", "sft_batch_size", "eval_samples"):
-        if getattr(config, name) < 1:
-            raise UsageError(f"--{name} must be at least 1")
     if config.max_iters < 0:
         raise UsageError("--max_iters must be positive (or 0 for the algorithm's default)")
-    check_options(config, positive=("learning_rate", "dpo_beta"),
+    check_options(config, positive=("prompts_per_step", "samples_per_prompt", "max_new_tokens", "dpo_batch_size",
+                                    "ppo_epochs", "ppo_minibatches", "micro_batch", "sft_batch_size", "eval_samples",
+                                    "learning_rate", "dpo_beta"),
                   not_negative=("kl_coef", "sft_coef", "pretrain_mix", "truncation_penalty", "grad_clip", "clip_range",
                                 "value_coef", "dpo_nll", "eval_tasks", "diversity_prompts"))
     if config.final_norm_learning_rate is not None and config.final_norm_learning_rate < 0:

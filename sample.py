@@ -43,7 +43,8 @@ import torch
 
 from bpe import MESSAGE_PREFIX, UsageError, render_chat, response_text
 from model import (Generation, answer_stops, atomic_path, autocast, chat_responses, check_same_tokenizer,
-                   choose_device, cut_prompt, load_model, one_thread_on_cpu, prompt_room, run_cli, write_json)
+                   choose_device, cut_prompt, load_model, one_thread_on_cpu, prompt_room, read_text, run_cli,
+                   write_json)
 
 CHAT_STAGES = ("sft", "rlhf")
 GENERATING_STAGES = ("pretrain", "sft", "rlhf")   # the reward model scores; it does not write
@@ -1049,15 +1050,6 @@ class JsonMask:
 # chunks by cosine similarity (numpy), which go into the prompt in the format SFT taught.
 
 CHUNK_WORDS = 80
-
-
-def read_text(path):
-    """A UTF-8 text file's contents; anything else (a checkpoint, a Latin-1 file) is a one-line error."""
-    try:
-        with open(path, encoding="utf-8") as file:
-            return file.read()
-    except UnicodeDecodeError as error:
-        raise UsageError(f"--docs {path}: not UTF-8 text (byte {error.start}); give a text file") from None
 
 
 def read_documents(path):
