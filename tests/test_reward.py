@@ -21,6 +21,7 @@ from reward import (Comparison, Config, batch_loss, centre_rewards, clear_pair_a
                     rank_by_scores, read_preferences, reward_input_ids, reward_model_from_sft, reward_scores,
                     rewards_of, sample_comparisons, sft_logprob_rewards, spearman, spearman_within_prompts,
                     split_by_prompt, split_heldout, write_comparisons)
+from sample import calculator_result
 
 
 @pytest.fixture(params=[0.0, 1.0], ids=["head alone", "head + log-probability"])
@@ -152,7 +153,10 @@ def test_the_labelers_see_answers_with_the_calculators_result(calculator_user, w
                                      temperature=1.0, max_new_tokens=24, seed=0)
     completions = comparisons[0].completions
     called = [c for c in completions if "<|calc|>" in c]
-    assert called and all("<|result|>84<|/result|>" in c for c in called)
+    assert any("<|calc|>12 * 7<|result|>84<|/result|>" in c for c in called), completions
+    for completion in called:   # the tool's value of whatever expression the model wrote, not its guess
+        expression, rest = completion.split("<|calc|>", 1)[1].split("<|result|>", 1)
+        assert rest.startswith(calculator_result(expression) + "<|/result|>")
     assert comparisons[0].scores == [world.score(CALCULATOR_QUESTION, c)[0] for c in completions]
     # what the reward model reads: the same tokens, with the tool's output out of the response's train mask
     ids, mask = reward_input_ids(tokenizer, CALCULATOR_QUESTION, called[0], block_size=128)
