@@ -169,16 +169,20 @@ def bench_model(args):
     # they are missing bf16 is emulated and slow). The compiled rows show what torch.compile would add;
     # --quick skips them (compiling takes a while). The tiny model is measured at nanoGPT's shape
     # (context 64, batch 12) and at context 256, batch 16 (pretrain.py's shape until it took 4 rows a step).
-    variants = [("fp32", False, False), ("bf16 autocast", False, True)]
-    variants += [] if args.quick else [("fp32, compiled", True, False), ("bf16 autocast, compiled", True, True)]
+    # These rows use GPT-2's learned position table, as nanoGPT does; the "rotary" rows, the positions
+    # the stages train with, show what turning the queries and keys costs.
+    variants = [("fp32", False, False, "learned"), ("bf16 autocast", False, True, "learned")]
+    variants += [] if args.quick else [("fp32, compiled", True, False, "learned"),
+                                       ("bf16 autocast, compiled", True, True, "learned")]
+    variants += [("fp32, rotary", False, False, "rotary"), ("bf16 autocast, rotary", False, True, "rotary")]
     rows = []
     # (nanoGPT's figures are for its own shapes only: none for the tiny model at context 256)
     for name, context, batch, reference in [("tiny", 64, 12, nanogpt["tiny"]), ("tiny", 256, 16, None),
                                             ("small", 256, 8, nanogpt["small"])]:
         steps = (5 if args.quick else 20) if name == "tiny" else (2 if args.quick else 6)
-        for label, compiled, bf16 in variants:
+        for label, compiled, bf16, positions in variants:
             torch.manual_seed(0)
-            model = GPT(GPTConfig(vocab_size=1024, block_size=context, **sizes[name]))
+            model = GPT(GPTConfig(vocab_size=1024, block_size=context, positions=positions, **sizes[name]))
             optimizer = model.configure_optimizer(learning_rate=1e-3)
             forward = torch.compile(model) if compiled else model
             x = torch.randint(0, 1024, (batch, context))
@@ -196,15 +200,17 @@ def bench_model(args):
                 train()  # the first call compiles
             rate = best_rate(train, steps * batch * context)
             rows.append([f"{name} {sizes[name]['n_layer']}x{sizes[name]['n_embd']}", label, context, batch,
-                         f"{model.num_parameters():,}", f"{rate:,.0f}", f"{reference:,}" if reference else "-",
-                         f"{rate / reference:.2f}x" if reference else "-"])
+                         f"{model.num_parameters():,}", f"{rate:,.0f}", f"{reference:,}" if reference and
+                         positions == "learned" else "-", f"{rate / reference:.2f}x" if reference and
+                         positions == "learned" else "-"])
     print_table(["model", "variant", "context", "batch", "parameters", "tokens/s", "nanoGPT", "ratio"], rows)
 
-    print("\ngeneration: new tokens/s (all sequences together), greedy, prompts of 16 tokens")
+    print("\ngeneration: new tokens/s (all sequences together), greedy, prompts of 16 tokens; GPT-2's learned "
+          "positions, as Hugging Face's, but for the rotary row")
     rows = []
     for name in ["tiny", "small"]:
         torch.manual_seed(0)
-        model = GPT(GPTConfig(vocab_size=1024, block_size=512, **sizes[name])).eval()
+        model = GPT(GPTConfig(vocab_size=1024, block_size=512, positions="learned", **sizes[name])).eval()
         rates = {}
         target_200 = f"HF {huggingface[name]} x1.5 = {1.5 * huggingface[name]:,.0f}"
         cases = [(1, 200, True), (1, 256, True), (16, 256, True), (1, 256, False)]
@@ -227,6 +233,11 @@ def bench_model(args):
             prompts = torch.randint(0, 1024, (1, 16)).tolist()
             rate = best_rate(lambda: half.generate(prompts, 200, temperature=0), 200)
             rows.append([name, 1, 200, "yes, bf16 weights", f"{rate:,.0f}", target_200])
+        torch.manual_seed(0)
+        rotary = GPT(GPTConfig(vocab_size=1024, block_size=512, positions="rotary", **sizes[name])).eval()
+        prompts = torch.randint(0, 1024, (1, 16)).tolist()
+        rate = best_rate(lambda: rotary.generate(prompts, 200, temperature=0), 200)
+        rows.append([name, 1, 200, "yes, rotary", f"{rate:,.0f}", target_200])
         rows.append([name, "", "", "", f"cached/uncached {rates[1, 256, True] / rates[1, 256, False]:.1f}x", "target >= 5x"])
         rows.append([name, "", "", "", f"batch 16/batch 1 {rates[16, 256, True] / rates[1, 256, True]:.1f}x", "target >= 6x"])
     print_table(["model", "batch", "new tokens", "cache", "tokens/s", "target"], rows)

@@ -13,8 +13,8 @@ import torch
 from torch.nn import functional as F
 
 from model import (GPT, IGNORE_INDEX, GPTConfig, UsageError, atomic_path, check_options, draw_from, gpt2_state_dict,
-                   import_gpt2, load_checkpoint, load_model, parse_config, read_safetensors, sample_next,
-                   save_checkpoint)
+                   import_gpt2, load_checkpoint, load_model, parse_config, read_safetensors, rotary_angles, rotate,
+                   sample_next, save_checkpoint)
 
 TINY = dict(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=16)
 
@@ -26,15 +26,29 @@ def lively_model(seed=0, **overrides):
     model = GPT(GPTConfig(**{**TINY, **overrides}))
     with torch.no_grad():
         for name, parameter in model.named_parameters():
-            if parameter.dim() >= 2:  # strong position embeddings make the choice move along the sequence
-                parameter.normal_(0.0, 2.0 if "wpe" in name else 0.4)
+            # strong positions make the choice move along the sequence: a learned table, or for rotary
+            # positions, which act through the queries and keys, strong attention
+            if parameter.dim() >= 2:
+                rotary_attention = "c_attn" in name and model.config.positions == "rotary"
+                parameter.normal_(0.0, 2.0 if "wpe" in name else 0.8 if rotary_attention else 0.4)
     return model.eval()
 
 
 # --- the architecture ------------------------------------------------------------------------------
 
-def reference_block(block, x, n_head):
-    """One GPT-2 block written out in plain tensor operations, independent of the module's code."""
+def reference_rotation(x, positions):
+    """Rotary positions written another way: pair (i, i + D/2) of a head as the complex number
+    x_i + j x_(i+D/2), multiplied by e^(j p theta_i) at position p. x (B, n_head, T, D)."""
+    D = x.size(-1)
+    theta = 10_000.0 ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)
+    turn = torch.polar(torch.ones(len(positions), D // 2, dtype=torch.float64), positions[:, None].double() * theta)
+    pairs = torch.complex(x[..., :D // 2], x[..., D // 2:]) * turn
+    return torch.cat([pairs.real, pairs.imag], dim=-1)
+
+
+def reference_block(block, x, n_head, rotary=False):
+    """One GPT-2 block written out in plain tensor operations, independent of the module's code
+    (rotary=True: queries and keys turned by their positions 0..T-1 first)."""
     def layer_norm(h, norm):
         mean = h.mean(-1, keepdim=True)
         variance = ((h - mean) ** 2).mean(-1, keepdim=True)
@@ -47,6 +61,8 @@ def reference_block(block, x, n_head):
     D = C // n_head
     qkv = linear(layer_norm(x, block.ln_1), block.attn.c_attn)
     q, k, v = (qkv[..., i * C:(i + 1) * C].reshape(B, T, n_head, D).permute(0, 2, 1, 3) for i in range(3))
+    if rotary:
+        q, k = reference_rotation(q, torch.arange(T)), reference_rotation(k, torch.arange(T))
     scores = q @ k.transpose(-1, -2) / math.sqrt(D)
     scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
     weights = torch.exp(scores - scores.amax(-1, keepdim=True))
@@ -63,29 +79,60 @@ def test_one_block_equals_a_reference_computation():
     x = torch.randn(3, 7, TINY["n_embd"], dtype=torch.float64)
     block = model.transformer.h[0]
     assert torch.allclose(block(x), reference_block(block, x, TINY["n_head"]), atol=1e-10)
+    rotary = rotary_angles(torch.arange(7), TINY["n_embd"] // TINY["n_head"])
+    assert torch.allclose(block(x, rotary=rotary), reference_block(block, x, TINY["n_head"], rotary=True), atol=1e-6)
 
 
-def test_whole_model_equals_reference_and_head_is_the_token_embedding():
-    model = lively_model().double()
+@pytest.mark.parametrize("positions", ["rotary", "learned"])
+def test_whole_model_equals_reference_and_head_is_the_token_embedding(positions):
+    model = lively_model(positions=positions).double()
     idx = torch.randint(0, TINY["vocab_size"], (2, 9))
-    x = model.transformer.wte.weight[idx] + model.transformer.wpe.weight[:9]
+    x = model.transformer.wte.weight[idx]
+    if positions == "learned":
+        x = x + model.transformer.wpe.weight[:9]
     for block in model.transformer.h:
-        x = reference_block(block, x, TINY["n_head"])
+        x = reference_block(block, x, TINY["n_head"], rotary=positions == "rotary")
     x = F.layer_norm(x, (TINY["n_embd"],), model.transformer.ln_f.weight, model.transformer.ln_f.bias)
     logits, loss = model(idx)
     assert loss is None and logits.shape == (2, 9, TINY["vocab_size"])
-    assert torch.allclose(logits, x @ model.transformer.wte.weight.T, atol=1e-10)
-    assert torch.allclose(model.hidden_states(idx), x, atol=1e-10)
+    tolerance = 1e-10 if positions == "learned" else 1e-6   # the rotary angles are float32
+    assert torch.allclose(logits, x @ model.transformer.wte.weight.T, atol=tolerance)
+    assert torch.allclose(model.hidden_states(idx), x, atol=tolerance)
     assert model.lm_head.weight is model.transformer.wte.weight  # tied
 
 
-def test_parameter_count_and_gpt2_scaled_init():
-    config = GPTConfig(vocab_size=100, block_size=16, n_layer=8, n_head=4, n_embd=64)
+def test_rotary_attention_sees_distances_not_places():
+    """Turning a query at p and a key at s gives the same dot product as at p + d and s + d; so a whole
+    rotary model computes the same states wherever the sequence starts, and a learned table does not."""
+    q, k = torch.randn(2, 3, 1, 8, dtype=torch.float64).unbind(0)   # (T=3, heads=1, D=8)
+    def score(p, s):
+        cos, sin = rotary_angles(torch.tensor([p, s]), 8)
+        return (rotate(q, cos[:1], sin[:1]) * rotate(k, cos[1:], sin[1:])).sum(-1)
+    assert torch.allclose(score(7, 3), score(12, 8)) and not torch.allclose(score(7, 3), score(7, 4))
+    idx = torch.randint(0, TINY["vocab_size"], (2, 9))
+    shifted = torch.arange(9) + 5
+    rotary, learned = lively_model(), lively_model(positions="learned")
+    assert torch.allclose(rotary._transform(idx, shifted), rotary._transform(idx), atol=1e-5)
+    assert not torch.allclose(learned._transform(idx, shifted), learned._transform(idx), atol=1e-3)
+
+
+def test_positions_option_is_checked():
+    with pytest.raises(UsageError, match="'rotary' or 'learned'"):
+        GPTConfig(positions="absolute")
+    with pytest.raises(UsageError, match="even size"):
+        GPTConfig(n_embd=12, n_head=4)
+    GPTConfig(n_embd=12, n_head=4, positions="learned")   # a learned table has no pairs to turn
+
+
+@pytest.mark.parametrize("positions", ["rotary", "learned"])
+def test_parameter_count_and_gpt2_scaled_init(positions):
+    config = GPTConfig(vocab_size=100, block_size=16, n_layer=8, n_head=4, n_embd=64, positions=positions)
     torch.manual_seed(0)
     model = GPT(config)
     C, L = config.n_embd, config.n_layer
     per_block = 2 * 2 * C + (C * 3 * C + 3 * C) + (C * C + C) + (C * 4 * C + 4 * C) + (4 * C * C + C)
-    assert model.num_parameters() == 100 * C + 16 * C + L * per_block + 2 * C  # tied head counted once
+    table = 16 * C if positions == "learned" else 0   # rotary positions have no weights
+    assert model.num_parameters() == 100 * C + table + L * per_block + 2 * C  # tied head counted once
     projections = torch.cat([model.transformer.h[i].mlp.c_proj.weight.flatten() for i in range(L)])
     assert abs(projections.std().item() - 0.02 / math.sqrt(2 * L)) < 0.0005
     assert abs(model.transformer.h[0].mlp.c_fc.weight.std().item() - 0.02) < 0.001
@@ -155,7 +202,7 @@ def test_tiny_model_overfits_a_tiny_batch():
 
 
 def test_optimizer_decays_matrices_only_and_skips_frozen_parameters():
-    model = GPT(GPTConfig(**TINY, scalar_head=True))
+    model = GPT(GPTConfig(**TINY, scalar_head=True, positions="learned"))
     model.transformer.wpe.weight.requires_grad_(False)
     optimizer = model.configure_optimizer(learning_rate=1e-3, weight_decay=0.1)
     decayed, plain = optimizer.param_groups
@@ -184,8 +231,9 @@ def test_scalar_head_reads_the_given_positions():
 PROMPTS = [[1, 2, 3], [7], [9, 8, 7, 6, 5, 4, 3], [5, 5]]
 
 
-def test_cached_greedy_equals_uncached_and_batched_equals_alone():
-    model = lively_model()
+@pytest.mark.parametrize("positions", ["rotary", "learned"])
+def test_cached_greedy_equals_uncached_and_batched_equals_alone(positions):
+    model = lively_model(positions=positions)
     cached = model.generate(PROMPTS, 12, temperature=0)
     uncached = model.generate(PROMPTS, 12, temperature=0, use_cache=False)
     for prompt, with_cache, without in zip(PROMPTS, cached, uncached):
@@ -365,6 +413,21 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path, tiny_tokenizer)
     assert tokenizer.to_dict() == tiny_tokenizer.to_dict() and checkpoint["metrics"] == {"loss": 1.5}
 
 
+def test_a_checkpoint_from_before_rotary_positions_loads_with_its_table(tmp_path, tiny_tokenizer):
+    """Checkpoints saved before GPTConfig.positions existed have no such key, and a position table."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tiny_tokenizer.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16,
+                          positions="learned"))
+    path = tmp_path / "pretrain.pt"
+    save_checkpoint(str(path), stage="pretrain", model=model, tokenizer=tiny_tokenizer)
+    old = torch.load(path, weights_only=True)
+    del old["model_config"]["positions"]
+    torch.save(old, path)
+    loaded, _, _ = load_model(str(path), stages="pretrain")
+    idx = torch.randint(0, tiny_tokenizer.vocab_size, (2, 16))
+    assert loaded.config.positions == "learned" and torch.equal(loaded(idx)[0], model(idx)[0])
+
+
 def test_failed_save_leaves_the_old_checkpoint_intact(tmp_path, tiny_tokenizer):
     model = GPT(GPTConfig(vocab_size=tiny_tokenizer.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16))
     path = tmp_path / "pretrain.pt"
@@ -524,7 +587,7 @@ def gpt2_folder(folder, model, fmt="safetensors", prefix="transformer."):
 
 @pytest.mark.parametrize("fmt,prefix", [("safetensors", ""), ("safetensors", "transformer."), ("bin", "transformer.")])
 def test_from_pretrained_maps_names_and_transposes_conv1d(tmp_path, fmt, prefix):
-    model = lively_model()
+    model = lively_model(positions="learned")
     folder = gpt2_folder(tmp_path / "gpt2", model, fmt, prefix)
     loaded = GPT.from_pretrained(str(folder))
     assert loaded.config == model.config
@@ -535,7 +598,7 @@ def test_from_pretrained_maps_names_and_transposes_conv1d(tmp_path, fmt, prefix)
 def test_from_pretrained_error_paths(tmp_path):
     with pytest.raises(UsageError, match="config.json"):
         GPT.from_pretrained(str(tmp_path))
-    folder = gpt2_folder(tmp_path / "gpt2", lively_model())
+    folder = gpt2_folder(tmp_path / "gpt2", lively_model(positions="learned"))
     os.remove(folder / "model.safetensors")
     with pytest.raises(UsageError, match="model.safetensors or pytorch_model.bin"):
         GPT.from_pretrained(str(folder))
@@ -562,7 +625,7 @@ def test_gpt2_state_dict_upcasts_half_precision():
 
 def test_import_gpt2_writes_a_pretrain_checkpoint_with_mean_rows_for_new_specials(tmp_path):
     from bpe import gpt2_bytes_to_unicode
-    model = lively_model(vocab_size=258)
+    model = lively_model(vocab_size=258, positions="learned")
     folder = gpt2_folder(tmp_path / "gpt2", model)
     characters = gpt2_bytes_to_unicode()
     encoder = {characters[byte]: byte for byte in range(256)}
@@ -583,7 +646,7 @@ def test_import_gpt2_writes_a_pretrain_checkpoint_with_mean_rows_for_new_special
 
 def test_import_gpt2_command_line_reports_missing_tokenizer_files(tmp_path):
     import subprocess
-    folder = gpt2_folder(tmp_path / "gpt2", lively_model())
+    folder = gpt2_folder(tmp_path / "gpt2", lively_model(positions="learned"))
     result = subprocess.run([sys.executable, "model.py", "import_gpt2", str(folder), "--out", str(tmp_path / "x.pt")],
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                             capture_output=True, text=True)

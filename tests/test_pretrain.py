@@ -175,6 +175,20 @@ def test_loss_goes_down_and_outputs_are_written(corpus_file, tmp_path):
     assert (tmp_path / "pretrain.png").stat().st_size > 0
 
 
+def test_positions_learned_trains_gpt2s_table_and_resume_keeps_the_choice(corpus_file, tmp_path):
+    config = tiny_config(corpus_file, tmp_path, max_iters=20, eval_interval=10, positions="learned")
+    metrics = pretrain.main(config)
+    history = resume_state(tmp_path)["history"]
+    assert history["val_loss"][-1] < history["val_loss"][0] - 1.0
+    model, _, checkpoint = load_model(str(tmp_path / "pretrain.pt"), "pretrain")
+    assert checkpoint["model_config"]["positions"] == "learned" and "transformer.wpe.weight" in checkpoint["model"]
+    assert metrics["params"] == model.num_parameters()
+    with pytest.raises(UsageError, match="another model shape"):
+        pretrain.main(dataclasses.replace(config, max_iters=30, resume=True, positions="rotary"))
+    with pytest.raises(UsageError, match="--positions rotary turns pairs"):
+        pretrain.main(tiny_config(corpus_file, tmp_path / "odd", n_embd=30, n_head=2 * 5))
+
+
 def test_bfloat16_training_on_the_cpu_follows_float32(corpus_file, tmp_path):
     # --dtype bfloat16 runs the matrix products in bf16 (weights stay fp32): a different path through
     # every layer, which must still learn as well as full precision does
