@@ -67,7 +67,10 @@ class Config:
     max_time: float = field(default=0.0, metadata={"help": "stop after this many minutes of training (0 = no limit); "
                                                            "the learning-rate schedule follows whichever budget ends first"})
     batch_size: int = field(default=32, metadata={"help": "conversations per step"})
-    learning_rate: float = field(default=1e-3, metadata={"help": "peak learning rate for full finetuning"})
+    learning_rate: float = field(default=2e-3, metadata={"help": "peak learning rate for full finetuning (on a "
+                                                                 "rotary base, one run each: 2e-3 copied names "
+                                                                 "into answers far better than 1e-3, retrieval "
+                                                                 "91.7% against 33.3%)"})
     lora_learning_rate: float = field(default=1e-2, metadata={"help": "peak learning rate when --lora_rank > 0 "
                                                                      "(adapters start at zero and need larger steps; "
                                                                      "measured on one base: 1e-2 reached 94% of full "
