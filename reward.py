@@ -59,8 +59,9 @@ class Config:
                                                                  "(InstructGPT used 4 to 9)"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature: high enough that the K "
                                                               "completions differ in quality"})
-    max_new_tokens: int = field(default=128, metadata={"help": "longest sampled completion, in tokens "
-                                                               "(rlhf.py samples up to 128 too)"})
+    max_new_tokens: int = field(default=256, metadata={"help": "longest sampled completion, in tokens, as far "
+                                                               "as the context allows (a worked 4-digit sum takes "
+                                                               "up to 186; rlhf.py samples as long)"})
     max_prompts: int = field(default=0, metadata={"help": "use only the first N prompts of each split (0: all of them)"})
     sft_prompts: bool = field(default=True, metadata={"help": "also rank samples for the SFT split's prompts "
                                                               "(4x the comparisons; trained on, never held out)"})
