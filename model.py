@@ -65,7 +65,7 @@ class GPTConfig:
 # embedding. Rotary position embedding (RoPE: Su et al. 2021, used by LLaMA and most models since)
 # instead turns each query and key by an angle proportional to its position: the head's numbers are
 # taken in pairs, and pair i at position p is rotated by p * theta_i, with theta_i falling from 1 radian
-# per token (pair 0) to about 1/10,000 (the last pair), fast and slow hands of a clock. Rotating a query by
+# per token (pair 0) toward 1/10,000 (the last pair), fast and slow hands of a clock. Rotating a query by
 # angle a and a key by angle b changes their dot product only through a - b, so attention sees how
 # far back a key is, not where the page began. That is what the tiny world's documents need: "the
 # digit four tokens back" or "the country named in this sentence" mean the same anywhere on a page,
