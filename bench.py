@@ -199,10 +199,10 @@ def bench_model(args):
             if compiled:
                 train()  # the first call compiles
             rate = best_rate(train, steps * batch * context)
+            compared = reference if positions == "learned" else None   # nanoGPT has the table
             rows.append([f"{name} {sizes[name]['n_layer']}x{sizes[name]['n_embd']}", label, context, batch,
-                         f"{model.num_parameters():,}", f"{rate:,.0f}", f"{reference:,}" if reference and
-                         positions == "learned" else "-", f"{rate / reference:.2f}x" if reference and
-                         positions == "learned" else "-"])
+                         f"{model.num_parameters():,}", f"{rate:,.0f}", f"{compared:,}" if compared else "-",
+                         f"{rate / compared:.2f}x" if compared else "-"])
     print_table(["model", "variant", "context", "batch", "parameters", "tokens/s", "nanoGPT", "ratio"], rows)
 
     print("\ngeneration: new tokens/s (all sequences together), greedy, prompts of 16 tokens; GPT-2's learned "
