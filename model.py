@@ -8,6 +8,7 @@ KV cache, real GPT-2 weights, then the shared plumbing (device, checkpoints, com
 """
 
 import argparse
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
@@ -719,20 +720,35 @@ def full_precision(device):
     return contextlib.nullcontext()
 
 
-@contextlib.contextmanager
-def one_thread_on_cpu(device):
-    """Generation is one small step at a time; on a CPU, splitting each small matrix product over
-    threads costs more in synchronisation than it gains (measured on the 2-core machine, 0.96M-parameter
-    model, batch 64: 4,200 tokens/s with one thread, 880 with two)."""
-    if str(device) != "cpu":
-        yield
-        return
+def map_batches(model, function, batches):
+    """[function(batch) for batch in batches], where each call generates with `model`, computed side
+    by side on a CPU.
+
+    A generation step of a small model is a few small matrix products: split over a CPU's cores, each
+    costs more in synchronisation than it gains. But torch lets go of Python's lock while it computes,
+    so whole batches on threads of their own, one core each, do overlap. Measured on the 2-core
+    machine, 1,200 sampled answers of the default SFT model in batches of 64: 12.7 s on one thread,
+    10.9 s with both cores sharing each product, 8.2 s with two batches side by side. Each batch must
+    stand alone (its own seed, nothing shared that it writes), and then the answers are exactly those
+    of one batch after another. At most 4 threads: past a few, the Python between the products (which
+    runs one thread at a time) is the limit, and every thread holds a batch's KV cache. On a GPU, one
+    batch after another: the GPU already computes a batch in parallel."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    workers = min(threads, 4, len(batches))
+    if next(model.parameters()).device.type != "cpu" or workers < 2:
+        return [function(batch) for batch in batches]
+
+    def one_core(batch):
+        torch.set_num_threads(1)
+        return function(batch)
+    was_training = model.training
+    model.eval()   # once, for all threads: generate's own eval()/train() would race between them
     try:
-        yield
+        with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+            return list(pool.map(one_core, batches))
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(threads)   # (in case this torch's thread count is shared by all threads)
+        model.train(was_training)
 
 
 class StopRequest:
@@ -1129,15 +1145,13 @@ def chat_responses(model, tokenizer, prompts, temperature=0.0, max_new_tokens=12
     for prompt in prompts:
         ids, _ = render_chat(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True)
         rendered.append(cut_prompt(ids, keep))
-    responses = []
-    for start in range(0, len(rendered), batch_size):
-        batch_seed = None if seed is None else seed + start
+
+    def answer(start):   # one batch, seeded by where it starts: the same answers however batches are run
         generations = model.generate(rendered[start:start + batch_size], max_new_tokens, temperature=temperature,
-                                     top_k=top_k, top_p=top_p, stop_tokens=stops, seed=batch_seed)
-        for generation in generations:
-            tokens = generation.tokens[:-1] if generation.stopped else generation.tokens
-            responses.append(response_text(tokenizer, tokens))
-    return responses
+                                     top_k=top_k, top_p=top_p, stop_tokens=stops,
+                                     seed=None if seed is None else seed + start)
+        return [response_text(tokenizer, g.tokens[:-1] if g.stopped else g.tokens) for g in generations]
+    return [text for batch in map_batches(model, answer, range(0, len(rendered), batch_size)) for text in batch]
 
 
 # --- This file's own command line ----------------------------------------------------------------

@@ -36,8 +36,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from bpe import SPECIAL_TOKENS, Tokenizer, UsageError, load_any_tokenizer
 from model import (GPT, GPTConfig, Progress, StopRequest, atomic_path, autocast, check_options, check_out_dir,
-                   check_resume_options, choose_device, load_checkpoint, plot_curves, read_jsonl, read_text,
-                   run_cli, save_checkpoint, training_dtype, write_json)
+                   check_resume_options, choose_device, load_checkpoint, map_batches, plot_curves, read_jsonl,
+                   read_text, run_cli, save_checkpoint, training_dtype, write_json)
 
 EOT = "<|endoftext|>"
 
@@ -437,12 +437,12 @@ def generate_text(model, tokenizer, texts, max_new_tokens, batch_size=64):
     keep = max(model.config.block_size - max_new_tokens, 1)
     end_of_text = tokenizer.special_tokens[EOT]
     prompts = [([end_of_text] + tokenizer.encode(text))[-keep:] for text in texts]
-    completions = []
-    for first in range(0, len(prompts), batch_size):
+
+    def complete(first):
         generations = model.generate(prompts[first:first + batch_size], max_new_tokens, temperature=0.0,
                                      stop_tokens=(end_of_text,))
-        completions += [tokenizer.decode([t for t in g.tokens if t != end_of_text]) for g in generations]
-    return completions
+        return [tokenizer.decode([t for t in g.tokens if t != end_of_text]) for g in generations]
+    return [text for batch in map_batches(model, complete, range(0, len(prompts), batch_size)) for text in batch]
 
 
 def probe_knowledge(model, tokenizer):

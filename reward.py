@@ -35,7 +35,7 @@ from torch.nn import functional as F
 
 from bpe import MESSAGE_PREFIX
 from model import (GPT, GPTConfig, Progress, StopRequest, UsageError, atomic_path, autocast, by_length, check_options,
-                   check_out_dir, choose_device, full_precision, load_checkpoint, load_model, one_thread_on_cpu,
+                   check_out_dir, choose_device, full_precision, load_checkpoint, load_model,
                    read_jsonl, render_chat, run_cli, save_checkpoint, set_seed, write_json)
 from sample import Sampling, chat_answers, tasks_as_asked
 
@@ -140,12 +140,12 @@ def rank_by_scores(prompt, completions, scores, reasons=None):
 def sample_comparisons(model, tokenizer, world, prompts, samples_per_prompt, temperature,
                        max_new_tokens, seed):
     """The SFT model answers every prompt K times; the oracle scores each answer and so ranks them.
-    All prompts x K go through the model in large batches (with the KV cache). The calculator runs, as
+    All prompts x K go through the model in large batches (with the KV cache; on a CPU, batches side by
+    side, model.map_batches). The calculator runs, as
     it does when the assistant is used: the labelers judge an answer with the tool's result in it."""
     repeated = [prompt for prompt in prompts for _ in range(samples_per_prompt)]
     sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, tool=True)
-    with one_thread_on_cpu(next(model.parameters()).device):
-        responses = chat_answers(model, tokenizer, repeated, sampling)
+    responses = chat_answers(model, tokenizer, repeated, sampling)
     comparisons = []
     for index, prompt in enumerate(prompts):
         completions = responses[index * samples_per_prompt:(index + 1) * samples_per_prompt]

@@ -43,7 +43,7 @@ import torch
 
 from bpe import MESSAGE_PREFIX, UsageError, render_chat, response_text
 from model import (Generation, answer_stops, atomic_path, autocast, chat_responses, check_same_tokenizer,
-                   choose_device, cut_prompt, load_model, one_thread_on_cpu, prompt_room, read_text, run_cli,
+                   choose_device, cut_prompt, load_model, map_batches, prompt_room, read_text, run_cli,
                    write_json)
 
 CHAT_STAGES = ("sft", "rlhf")
@@ -364,14 +364,19 @@ def tasks_as_asked(world, tasks):
 def chat_answers(model, tokenizer, questions, sampling, batch_size=64, stats=None):
     """Single-turn answers to many questions, in batches: like model.chat_responses, plus the tool
     and the JSON mask."""
-    answers = []
-    for start in range(0, len(questions), batch_size):
+    def answer(start):   # one batch, seeded by where it starts, with stats of its own
         rendered = [chat_prompt(tokenizer, [{"role": "user", "content": question}], model.config.block_size,
                                 sampling.max_new_tokens)[0] for question in questions[start:start + batch_size]]
         seeded = Sampling(**{**sampling.__dict__, "seed": None if sampling.seed is None else sampling.seed + start})
-        answers += [response_text(tokenizer, answer)
-                    for answer in generate_answers(model, tokenizer, rendered, seeded, answer_stops(tokenizer),
-                                                   stats=stats)]
+        own_stats = {}
+        answers = generate_answers(model, tokenizer, rendered, seeded, answer_stops(tokenizer), stats=own_stats)
+        return [response_text(tokenizer, tokens) for tokens in answers], own_stats
+    answers = []
+    for texts, own_stats in map_batches(model, answer, range(0, len(questions), batch_size)):
+        answers += texts
+        for key, value in own_stats.items():
+            if stats is not None:
+                stats[key] = stats.get(key, 0) + value
     return answers
 
 
@@ -381,15 +386,15 @@ def fewshot_answers(model, tokenizer, world, questions, sampling, batch_size=64)
     from sft import newline_token_ids
     stops = [tokenizer.special_tokens["<|endoftext|>"]] + newline_token_ids(tokenizer)
     keep = prompt_room(model.config.block_size, sampling.max_new_tokens)
-    plain = Sampling(**{**sampling.__dict__, "tool": False, "json_fields": None})
-    answers = []
-    for start in range(0, len(questions), batch_size):
+
+    def answer(start):
         pages = [tokenizer.encode(world.fewshot_prompt(question))[-keep:]
                  for question in questions[start:start + batch_size]]
-        plain.seed = None if sampling.seed is None else sampling.seed + start
-        answers += [tokenizer.decode(tokens).split("\n")[0].strip()
-                    for tokens in generate_answers(model, tokenizer, pages, plain, stops)]
-    return answers
+        plain = Sampling(**{**sampling.__dict__, "tool": False, "json_fields": None,
+                            "seed": None if sampling.seed is None else sampling.seed + start})
+        return [tokenizer.decode(tokens).split("\n")[0].strip()
+                for tokens in generate_answers(model, tokenizer, pages, plain, stops)]
+    return [text for batch in map_batches(model, answer, range(0, len(questions), batch_size)) for text in batch]
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1606,11 +1611,6 @@ def report_plot(path, stages, families, metrics):
 def main(config: Config) -> dict:
     check_config(config)
     device = choose_device(config.device)
-    with one_thread_on_cpu(device):
-        return run(config, device)
-
-
-def run(config, device):
     torch.manual_seed(config.seed)
     if config.report:
         return report(config, device)

@@ -47,8 +47,8 @@ from torch.nn import functional as F
 
 from bpe import MESSAGE_PREFIX, UsageError, render_chat
 from model import (IGNORE_INDEX, Progress, atomic_path, autocast, chat_responses, check_options, check_out_dir,
-                   check_resume_options, choose_device, load_checkpoint, load_model, prompt_room, read_jsonl, run_cli,
-                   save_checkpoint, set_seed, training_dtype, write_json)
+                   check_resume_options, choose_device, load_checkpoint, load_model, map_batches, prompt_room, read_jsonl,
+                   run_cli, save_checkpoint, set_seed, training_dtype, write_json)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -497,12 +497,12 @@ def greedy_continuations(model, tokenizer, texts, max_new_tokens, stop_tokens, b
     """What the base model writes after each text, greedy, up to (not including) its first stop token.
     A text too long for the context keeps its end, where the question is."""
     keep = prompt_room(model.config.block_size, max_new_tokens)
-    written = []
-    for start in range(0, len(texts), batch_size):
+
+    def continue_batch(start):
         prompts = [tokenizer.encode(text)[-keep:] for text in texts[start:start + batch_size]]
-        for generation in model.generate(prompts, max_new_tokens, temperature=0.0, stop_tokens=stop_tokens):
-            written.append(tokenizer.decode(generation.tokens[:-1] if generation.stopped else generation.tokens))
-    return written
+        return [tokenizer.decode(generation.tokens[:-1] if generation.stopped else generation.tokens)
+                for generation in model.generate(prompts, max_new_tokens, temperature=0.0, stop_tokens=stop_tokens)]
+    return [text for batch in map_batches(model, continue_batch, range(0, len(texts), batch_size)) for text in batch]
 
 
 def line_stops(tokenizer):

@@ -692,6 +692,33 @@ def test_training_dtype_is_bfloat16_only_where_the_hardware_has_it(monkeypatch):
 
 
 
+def test_batches_side_by_side_give_the_answers_of_one_batch_after_another(tmp_path, make_checkpoint):
+    """map_batches: on a CPU with two threads, batches of answers are sampled on threads of their own.
+    Each batch is seeded by where it starts, so the answers are exactly those one thread writes, in
+    order; the tool statistics add up the same; the model's mode and the thread count come back."""
+    from model import chat_responses
+    from sample import Sampling, chat_answers
+    model, tokenizer, _ = load_model(make_checkpoint(tmp_path / "sft.pt", "sft"))
+    model.train()
+    prompts = [f"question {k}" for k in range(10)]
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            stats = {}
+            answers = chat_answers(model, tokenizer, prompts, Sampling(max_new_tokens=12, temperature=1.0, seed=5),
+                                   batch_size=3, stats=stats)
+            runs.append((chat_responses(model, tokenizer, prompts, temperature=1.0, max_new_tokens=12, seed=5,
+                                        batch_size=3), answers, stats))
+            assert torch.get_num_threads() == count
+    finally:
+        torch.set_num_threads(threads)
+    assert runs[1] == runs[0]
+    assert len(set(runs[0][0])) > 5 and runs[0][2]["tokens"] > 0   # really sampled, and counted
+    assert model.training
+
+
 def test_chat_responses_keeps_the_question_when_the_answer_may_fill_the_context(tmp_path, make_checkpoint, monkeypatch):
     from bpe import render_chat
     from model import chat_responses, load_model

@@ -10,7 +10,7 @@ import pytest
 import sample
 from bpe import UsageError, render_chat, response_text
 from conftest import teach
-from model import Generation, load_model, one_thread_on_cpu
+from model import Generation, load_model
 from sample import (JsonPrefix, Retriever, Sampling, TfidfEmbedder, ModelEmbedder, calculate, calculator_result,
                     chat_answers, generate_answers, json_prefix_ok, split_chunks)
 
@@ -216,8 +216,7 @@ def test_constrained_sampling_always_parses(tmp_path, make_checkpoint, temperatu
     prompts = [tokenizer.encode(f"describe thing {k} as JSON") for k in range(4)]
     for seed in range(3):
         sampling = Sampling(max_new_tokens=24, temperature=temperature, top_k=top_k, seed=seed, json_fields=required)
-        with one_thread_on_cpu("cpu"):   # as sample.main runs it (faster on a busy CPU)
-            answers = generate_answers(model, tokenizer, prompts, sampling, [end])
+        answers = generate_answers(model, tokenizer, prompts, sampling, [end])
         for answer in answers:
             value = json.loads(tokenizer.decode(answer))
             assert set(required) <= set(value if required else [])
