@@ -41,9 +41,8 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from model import (Progress, StopRequest, UsageError, answer_stops, autocast, by_length, check_options, check_out_dir,
-                   check_same_tokenizer, choose_device, cut_prompt, load_checkpoint, load_model, map_batches,
-                   plot_curves, read_jsonl, render_chat, response_text, run_cli, save_checkpoint, set_seed,
-                   write_json)
+                   check_same_tokenizer, choose_device, cut_prompt, load_checkpoint, load_model, plot_curves,
+                   read_jsonl, render_chat, response_text, run_cli, save_checkpoint, set_seed, write_json)
 from sample import Sampling, chat_answers, generate_answers, tasks_as_asked
 
 # -----------------------------------------------------------------------------------------------
@@ -199,8 +198,9 @@ def pad_sequences(sequences, action_masks, device):
 def sample_rollout(policy, tokenizer, prompts, samples_per_prompt, max_new_tokens, seed, micro_batch=16, tool=True):
     """Plain temperature-1 sampling (no top-k, no top-p), so each sampled token's probability is exactly
     the policy's own: the KL estimate and the policy gradient below both rely on that. Generated in
-    groups of prompts of similar length (one rambling sample holds up only its own group), side by side
-    on a CPU (model.map_batches).
+    groups of prompts of similar length (one rambling sample holds up only its own group). (The groups
+    run one after another: side by side on a CPU, model.map_batches, they took as long, since the group
+    with the long worked sums sets the pace.)
 
     The calculator runs, as it does when the assistant is used (sample.py): when a sample asks it
     (<|calc|> 23 * 45 <|result|>) the tool writes the result and the policy goes on. Those tokens are in
@@ -208,16 +208,12 @@ def sample_rollout(policy, tokenizer, prompts, samples_per_prompt, max_new_token
     of the policy gradient and of the KL, as render_chat's train mask leaves them out of SFT."""
     rendered = [prompt_ids(tokenizer, p, policy.config.block_size, max_new_tokens) for p in prompts]
     repeated = [ids for ids in rendered for _ in range(samples_per_prompt)]
-    groups = by_length(repeated, micro_batch)
-
-    def sample_group(number):   # seeded by its number: the same samples however the groups are run
+    generations = [None] * len(repeated)
+    for number, group in enumerate(by_length(repeated, micro_batch)):
         sampling = Sampling(max_new_tokens=max_new_tokens, temperature=1.0, seed=seed * 1000 + number, tool=tool)
         details = []
-        generate_answers(policy, tokenizer, [repeated[i] for i in groups[number]], sampling, answer_stops(tokenizer),
+        generate_answers(policy, tokenizer, [repeated[i] for i in group], sampling, answer_stops(tokenizer),
                          details=details)
-        return details
-    generations = [None] * len(repeated)
-    for group, details in zip(groups, map_batches(policy, sample_group, range(len(groups)))):
         for i, generation in zip(group, details):
             generations[i] = generation
     tokens = [g.tokens for g in generations]
