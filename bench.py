@@ -4,6 +4,7 @@ command that produced them. (Tests never time anything; speed lives here.)
 
     python bench.py tokenizer     # BPE training time and encoding throughput
     python bench.py model         # training tokens/s, generation tokens/s with and without the KV cache
+    python bench.py sampling      # many answers at once on a CPU: one thread, all threads, batches side by side
     python bench.py pretrain      # bits per byte at equal wall time on real text (tiny Shakespeare)
 """
 
@@ -258,6 +259,56 @@ def bench_model(args):
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")
 
 
+def bench_sampling(args):
+    """Many answers at once, as the evaluations and reward.py's comparisons are sampled: the default
+    model's shape (4 layers x 128, rotary, context 256) with random weights, 16 batches of 64 prompts of
+    16 tokens (--quick: 4 batches), 96 new tokens each at temperature 1, every batch seeded by where it
+    starts. Three ways to use a CPU's cores: one thread for everything; every matrix product split over
+    all threads (torch's default); and model.map_batches, one thread per batch with the batches side by
+    side. Best of 3 repeats (1 with --quick). Side by side must write exactly the tokens one thread writes.
+    (Products split over threads add in another order; near-uniform random logits then round into other
+    tokens now and then.)"""
+    import time
+
+    import torch
+
+    from model import GPT, GPTConfig, map_batches
+
+    threads = torch.get_num_threads()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=1024, block_size=256, n_layer=4, n_head=4, n_embd=128)).eval()
+    batches, batch_size, new_tokens = (4 if args.quick else 16), 64, 96
+    prompts = torch.randint(0, 1024, (batches * batch_size, 16)).tolist()
+
+    def one_batch(start):
+        return [g.tokens for g in model.generate(prompts[start:start + batch_size], new_tokens, temperature=1.0,
+                                                 seed=start)]
+    starts = range(0, len(prompts), batch_size)
+    ways = [("one thread, one batch after another", 1, lambda: [one_batch(start) for start in starts]),
+            (f"{threads} threads share each product", threads, lambda: [one_batch(start) for start in starts]),
+            (f"batches side by side (map_batches, {min(threads, 4)} threads)", threads,
+             lambda: map_batches(model, one_batch, starts))]
+    seconds, written = [], []
+    for label, count, run in ways:
+        best = float("inf")
+        for _ in range(1 if args.quick else 3):
+            torch.set_num_threads(count)
+            start = time.perf_counter()
+            written.append(run())
+            best = min(best, time.perf_counter() - start)
+        torch.set_num_threads(threads)
+        seconds.append(best)
+    rows = [[label, f"{len(prompts) * new_tokens / best:,.0f}", f"{best:.2f}", f"{seconds[0] / best:.2f}x"]
+            for (label, _, _), best in zip(ways, seconds)]
+    repeats = len(written) // len(ways)
+    one_thread, _, side_by_side = (written[k * repeats:(k + 1) * repeats] for k in range(len(ways)))
+    same = all(tokens == one_thread[0] for tokens in one_thread + side_by_side)
+    print(f"torch {torch.__version__}, {threads} threads; {len(prompts)} answers of {new_tokens} tokens, "
+          f"batches of {batch_size}; side by side wrote the very tokens of one thread: {'yes' if same else 'NO'}")
+    print_table(["how", "new tokens/s", "seconds", "vs one thread"], rows)
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
+
+
 def bench_pretrain(args):
     """Bits per byte of held-out text after equal wall time: pretrain.py with nanoGPT's CPU-example model
     (4 layers, 128 wide, 4 heads, context 64, batch 12, lr 1e-3, no dropout) trained for one minute
@@ -294,13 +345,14 @@ def bench_pretrain(args):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("benchmark", choices=["tokenizer", "model", "pretrain"])
+    parser.add_argument("benchmark", choices=["tokenizer", "model", "sampling", "pretrain"])
     parser.add_argument("--data", default=None, help="text file to benchmark on (default: tiny Shakespeare if present)")
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a first look")
     args = parser.parse_args()
-    if args.benchmark == "model" and args.data:
-        parser.error("--data: `bench.py model` times random weights and reads no text")
+    if args.benchmark in ("model", "sampling") and args.data:
+        parser.error(f"--data: `bench.py {args.benchmark}` times random weights and reads no text")
     try:
-        {"tokenizer": bench_tokenizer, "model": bench_model, "pretrain": bench_pretrain}[args.benchmark](args)
+        {"tokenizer": bench_tokenizer, "model": bench_model, "sampling": bench_sampling,
+         "pretrain": bench_pretrain}[args.benchmark](args)
     except UsageError as error:
         raise SystemExit(f"error: {error}") from None
