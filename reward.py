@@ -35,8 +35,8 @@ from torch.nn import functional as F
 
 from bpe import MESSAGE_PREFIX
 from model import (GPT, GPTConfig, Progress, StopRequest, UsageError, atomic_path, autocast, by_length, check_options,
-                   check_out_dir, choose_device, full_precision, load_checkpoint, load_model,
-                   read_jsonl, render_chat, run_cli, save_checkpoint, set_seed, write_json)
+                   check_out_dir, choose_device, full_precision, load_checkpoint, load_model, read_jsonl,
+                   render_chat, run_cli, save_checkpoint, set_seed, write_json)
 from sample import Sampling, chat_answers, tasks_as_asked
 
 # -----------------------------------------------------------------------------------------------
@@ -141,8 +141,8 @@ def sample_comparisons(model, tokenizer, world, prompts, samples_per_prompt, tem
                        max_new_tokens, seed):
     """The SFT model answers every prompt K times; the oracle scores each answer and so ranks them.
     All prompts x K go through the model in large batches (with the KV cache; on a CPU, batches side by
-    side, model.map_batches). The calculator runs, as
-    it does when the assistant is used: the labelers judge an answer with the tool's result in it."""
+    side, model.map_batches). The calculator runs, as it does when the assistant is used: the labelers
+    judge an answer with the tool's result in it."""
     repeated = [prompt for prompt in prompts for _ in range(samples_per_prompt)]
     sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, tool=True)
     responses = chat_answers(model, tokenizer, repeated, sampling)

@@ -374,8 +374,8 @@ def chat_answers(model, tokenizer, questions, sampling, batch_size=64, stats=Non
     answers = []
     for texts, own_stats in map_batches(model, answer, range(0, len(questions), batch_size)):
         answers += texts
-        for key, value in own_stats.items():
-            if stats is not None:
+        if stats is not None:
+            for key, value in own_stats.items():
                 stats[key] = stats.get(key, 0) + value
     return answers
 
