@@ -433,13 +433,15 @@ def batch_loss(model, comparisons, tokenizer, config, device, rows_per_pass=16):
 
 
 @torch.no_grad()
-def centre_rewards(model, tokenizer, comparisons):
-    """Shift the head's bias so the mean reward over the training completions is exactly 0. The
-    pairwise loss cannot see a constant added to every reward, so the reward's zero is arbitrary;
-    RL wants it at "an average sample of the SFT model". Returns the offset removed."""
-    prompts = [c.prompt for c in comparisons for _ in c.completions]
-    responses = [text for c in comparisons for text in c.completions]
-    offset = reward_scores(model, tokenizer, prompts, responses).mean().item()
+def centre_rewards(model, tokenizer, comparisons, sample=0, seed=0):
+    """Shift the head's bias so the mean reward over the training completions is exactly 0 (with
+    sample > 0, over that many of them drawn at random). The pairwise loss cannot see a constant added
+    to every reward, so the reward's zero is arbitrary; RL wants it at "an average sample of the SFT
+    model". Returns the offset removed."""
+    pairs = [(c.prompt, text) for c in comparisons for text in c.completions]
+    if 0 < sample < len(pairs):
+        pairs = random.Random(seed).sample(pairs, sample)
+    offset = reward_scores(model, tokenizer, [p for p, _ in pairs], [r for _, r in pairs]).mean().item()
     model.scalar_head.bias -= offset
     return offset
 
@@ -709,9 +711,11 @@ def main(config: Config) -> dict:
     if config.logprob_weight and not config.resume:
         # Start centred. With the log-probability in it, every reward starts near weight x (a mean
         # log-probability), not at 0, and the centring penalty below would spend its pull on raising the
-        # likelihood of every sample, wrong ones too. One pass over the training samples moves the
-        # head's bias instead.
-        centre_rewards(model, tokenizer, train_set)
+        # likelihood of every sample, wrong ones too. Moving the head's bias does it instead. A start
+        # needs only to be near 0: in the thirtieth default run the mean over 512 random training
+        # samples was within 0.025 of the mean over all 4,596 (five seeds; the rewards' spread is 0.27
+        # before training), and scoring all of them took 17 s of the stage's 3 minutes.
+        centre_rewards(model, tokenizer, train_set, sample=512, seed=config.seed)
     optimizer = model.configure_optimizer(config.learning_rate, config.weight_decay)
     first_step = 0
     history = {"step": [], "train_loss": [], "eval_step": [], "eval_loss": [], "eval_accuracy": []}

@@ -311,11 +311,12 @@ def test_ctrl_c_after_training_still_saves_the_model_and_resume_finishes_it(tmp_
     calls = []
     real_centre = reward.centre_rewards
 
-    def ctrl_c_after_training(*args):   # the first call centres the untrained model, the second the trained one
+    def ctrl_c_after_training(*args, **kwargs):   # the first call centres the untrained model, the second
+        # the trained one
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real_centre(*args)
+        return real_centre(*args, **kwargs)
 
     monkeypatch.setattr(reward, "centre_rewards", ctrl_c_after_training)
     interrupted = main(config("later"))
@@ -461,6 +462,12 @@ def test_centring_moves_the_mean_reward_to_zero_through_the_head_alone(tmp_path,
     assert before.mean().item() < -1.0 and offset == pytest.approx(before.mean().item(), abs=1e-5)
     assert abs(after.mean().item()) < 1e-5
     assert torch.allclose(after - after[0], before - before[0], atol=1e-5)
+    # centred on a random sample of the completions (how training starts): that sample's mean is removed
+    sampled = reward_model_from_sft(sft, 1.0)
+    chosen = random.Random(3).sample(range(len(prompts)), 4)
+    offset = centre_rewards(sampled, tokenizer, comparisons, sample=4, seed=3)
+    assert offset == pytest.approx(before[chosen].mean().item(), abs=1e-5)
+    assert before[chosen].mean().item() != pytest.approx(before.mean().item(), abs=1e-3)
 
 
 def test_resume_with_another_logprob_weight_or_train_layers_is_a_clear_error(tmp_path, make_checkpoint):
