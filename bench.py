@@ -283,25 +283,25 @@ def bench_sampling(args):
     def one_batch(start):
         return [g.tokens for g in model.generate(prompts[start:start + batch_size], new_tokens, temperature=1.0,
                                                  seed=start)]
-    starts = range(0, len(prompts), batch_size)
-    ways = [("one thread, one batch after another", 1, lambda: [one_batch(start) for start in starts]),
-            (f"{threads} threads share each product", threads, lambda: [one_batch(start) for start in starts]),
+    one_after_another = lambda: [tokens for start in range(0, len(prompts), batch_size) for tokens in one_batch(start)]
+    ways = [("one thread, one batch after another", 1, one_after_another),
+            (f"{threads} threads share each product", threads, one_after_another),
             (f"batches side by side (map_batches, {min(threads, 4)} threads)", threads,
-             lambda: map_batches(model, one_batch, starts))]
-    seconds, written = [], []
+             lambda: map_batches(model, one_batch, len(prompts), batch_size))]
+    seconds, written = [], []   # written[way]: the tokens of each repeat
     for label, count, run in ways:
-        best = float("inf")
+        best, repeats = float("inf"), []
         for _ in range(1 if args.quick else 3):
             torch.set_num_threads(count)
             start = time.perf_counter()
-            written.append(run())
+            repeats.append(run())
             best = min(best, time.perf_counter() - start)
         torch.set_num_threads(threads)
         seconds.append(best)
+        written.append(repeats)
     rows = [[label, f"{len(prompts) * new_tokens / best:,.0f}", f"{best:.2f}", f"{seconds[0] / best:.2f}x"]
             for (label, _, _), best in zip(ways, seconds)]
-    repeats = len(written) // len(ways)
-    one_thread, _, side_by_side = (written[k * repeats:(k + 1) * repeats] for k in range(len(ways)))
+    one_thread, _, side_by_side = written
     same = all(tokens == one_thread[0] for tokens in one_thread + side_by_side)
     print(f"torch {torch.__version__}, {threads} threads; {len(prompts)} answers of {new_tokens} tokens, "
           f"batches of {batch_size}; side by side wrote the very tokens of one thread: {'yes' if same else 'NO'}")

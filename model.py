@@ -720,9 +720,10 @@ def full_precision(device):
     return contextlib.nullcontext()
 
 
-def map_batches(model, function, batches):
-    """[function(batch) for batch in batches], where each call generates with `model`, computed side
-    by side on a CPU.
+def map_batches(model, answer_batch, count, batch_size):
+    """Answers to `count` items in batches: answer_batch(start) generates with `model` for items start to
+    start + batch_size - 1 and returns a list; the lists come back joined, in order. On a CPU the
+    batches are computed side by side.
 
     A generation step of a small model is a few small matrix products: split over a CPU's cores, each
     gains little, since the cores mostly wait for one another. But torch lets go of Python's lock while
@@ -733,19 +734,20 @@ def map_batches(model, function, batches):
     answers are exactly those of one batch after another. At most 4 threads: past a few, the Python
     between the products (which runs one thread at a time) is the limit, and every thread holds a
     batch's KV cache. On a GPU, one batch after another: the GPU already computes a batch in parallel."""
+    starts = range(0, count, batch_size)
     threads = torch.get_num_threads()
-    workers = min(threads, 4, len(batches))
+    workers = min(threads, 4, len(starts))
     if next(model.parameters()).device.type != "cpu" or workers < 2:
-        return [function(batch) for batch in batches]
+        return [answer for start in starts for answer in answer_batch(start)]
 
-    def one_core(batch):
+    def one_core(start):
         torch.set_num_threads(1)
-        return function(batch)
+        return answer_batch(start)
     was_training = model.training
     model.eval()   # once, for all threads: generate's own eval()/train() would race between them
     try:
         with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-            return list(pool.map(one_core, batches))
+            return [answer for batch in pool.map(one_core, starts) for answer in batch]
     finally:
         torch.set_num_threads(threads)   # (in case this torch's thread count is shared by all threads)
         model.train(was_training)
@@ -1151,7 +1153,7 @@ def chat_responses(model, tokenizer, prompts, temperature=0.0, max_new_tokens=12
                                      top_k=top_k, top_p=top_p, stop_tokens=stops,
                                      seed=None if seed is None else seed + start)
         return [response_text(tokenizer, g.tokens[:-1] if g.stopped else g.tokens) for g in generations]
-    return [text for batch in map_batches(model, answer, range(0, len(rendered), batch_size)) for text in batch]
+    return map_batches(model, answer, len(rendered), batch_size)
 
 
 # --- This file's own command line ----------------------------------------------------------------

@@ -442,7 +442,7 @@ def generate_text(model, tokenizer, texts, max_new_tokens, batch_size=64):
         generations = model.generate(prompts[first:first + batch_size], max_new_tokens, temperature=0.0,
                                      stop_tokens=(end_of_text,))
         return [tokenizer.decode([t for t in g.tokens if t != end_of_text]) for g in generations]
-    return [text for batch in map_batches(model, complete, range(0, len(prompts), batch_size)) for text in batch]
+    return map_batches(model, complete, len(prompts), batch_size)
 
 
 def probe_knowledge(model, tokenizer):

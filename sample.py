@@ -364,18 +364,19 @@ def tasks_as_asked(world, tasks):
 def chat_answers(model, tokenizer, questions, sampling, batch_size=64, stats=None):
     """Single-turn answers to many questions, in batches: like model.chat_responses, plus the tool
     and the JSON mask."""
-    def answer(start):   # one batch, seeded by where it starts, with stats of its own
+    batch_stats = {}   # each batch's own, added up at the end (batches may run side by side)
+
+    def answer(start):   # one batch, seeded by where it starts
         rendered = [chat_prompt(tokenizer, [{"role": "user", "content": question}], model.config.block_size,
                                 sampling.max_new_tokens)[0] for question in questions[start:start + batch_size]]
         seeded = Sampling(**{**sampling.__dict__, "seed": None if sampling.seed is None else sampling.seed + start})
-        own_stats = {}
-        answers = generate_answers(model, tokenizer, rendered, seeded, answer_stops(tokenizer), stats=own_stats)
-        return [response_text(tokenizer, tokens) for tokens in answers], own_stats
-    answers = []
-    for texts, own_stats in map_batches(model, answer, range(0, len(questions), batch_size)):
-        answers += texts
-        if stats is not None:
-            for key, value in own_stats.items():
+        batch_stats[start] = own = {}
+        answers = generate_answers(model, tokenizer, rendered, seeded, answer_stops(tokenizer), stats=own)
+        return [response_text(tokenizer, tokens) for tokens in answers]
+    answers = map_batches(model, answer, len(questions), batch_size)
+    if stats is not None:
+        for own in batch_stats.values():
+            for key, value in own.items():
                 stats[key] = stats.get(key, 0) + value
     return answers
 
@@ -394,7 +395,7 @@ def fewshot_answers(model, tokenizer, world, questions, sampling, batch_size=64)
                             "seed": None if sampling.seed is None else sampling.seed + start})
         return [tokenizer.decode(tokens).split("\n")[0].strip()
                 for tokens in generate_answers(model, tokenizer, pages, plain, stops)]
-    return [text for batch in map_batches(model, answer, range(0, len(questions), batch_size)) for text in batch]
+    return map_batches(model, answer, len(questions), batch_size)
 
 
 # -----------------------------------------------------------------------------------------------

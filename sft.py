@@ -502,7 +502,7 @@ def greedy_continuations(model, tokenizer, texts, max_new_tokens, stop_tokens, b
         prompts = [tokenizer.encode(text)[-keep:] for text in texts[start:start + batch_size]]
         return [tokenizer.decode(generation.tokens[:-1] if generation.stopped else generation.tokens)
                 for generation in model.generate(prompts, max_new_tokens, temperature=0.0, stop_tokens=stop_tokens)]
-    return [text for batch in map_batches(model, continue_batch, range(0, len(texts), batch_size)) for text in batch]
+    return map_batches(model, continue_batch, len(texts), batch_size)
 
 
 def line_stops(tokenizer):
