@@ -1132,7 +1132,13 @@ class World:
             if ideal.startswith(text):
                 done = text.count("\n") / max(1, ideal.count("\n"))
                 return Grade(round(0.1 + 0.2 * done, 3), "cut off before the final answer", False)
-            miscopied = None if shows_steps else equation_of_another_problem(text)
+            # A scratchpad states its result on its last line ("So 482 + 739 = 1221."); its other lines
+            # hold one-digit sums ("4 + 7 + 1 = 12"), which answer nothing.
+            last_line = text.splitlines()[-1]
+            if shows_steps:
+                miscopied = equation_of_another_problem(last_line) if last_line.startswith("So ") else None
+            else:
+                miscopied = equation_of_another_problem(text)
             if miscopied:
                 return grade_miscopied(miscopied, result, wrong_score=0.0)
             return Grade(0.0, "no final answer", False)

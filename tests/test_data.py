@@ -325,6 +325,13 @@ def test_a_miscopied_problem_is_graded_as_a_wrong_answer_to_another_problem(worl
     # A scratchpad that went wrong and stopped is still read as one: its line sums are steps, not answers.
     wandered = world.grade(COT_PREFIX + "What is 482 + 739?", "482 + 739: 2 + 9 = 10, write 0, carry 1, so far 0.")
     assert wandered.reason == "no final answer"
+    # Its last line is read like a direct answer: the right sum under a miscopied problem is right, as
+    # everywhere else (it once read as no answer at all, 0.0, below a wrong sum's 0.2).
+    worked = worked_addition(252, 807)
+    typo = world.grade(COT_PREFIX + "What is 252 + 807?", worked.replace("So 252 +", "So 257 +"))
+    assert typo.correct and typo.score == 0.6 and "257 + 807 = 1059" in typo.reason
+    wrong = world.grade(COT_PREFIX + "What is 252 + 807?", worked.replace("So 252 + 807 = 1059", "So 257 + 807 = 1064"))
+    assert not wrong.correct and wrong.reason.startswith("wrong: answers another problem")
 
 
 def test_oracle_reads_wrapped_prompts(world):
