@@ -1132,10 +1132,8 @@ class World:
             if ideal.startswith(text):
                 done = text.count("\n") / max(1, ideal.count("\n"))
                 return Grade(round(0.1 + 0.2 * done, 3), "cut off before the final answer", False)
-            # A scratchpad states its result on its last line ("So 482 + 739 = 1221."); its other lines
-            # hold one-digit sums ("4 + 7 + 1 = 12"), which answer nothing.
-            last_line = text.splitlines()[-1]
-            if shows_steps:
+            if shows_steps:   # a scratchpad states its result on its last line ("So 482 + 739 = 1221.");
+                last_line = text.splitlines()[-1]   # the others hold one-digit sums ("4 + 7 + 1 = 12")
                 miscopied = equation_of_another_problem(last_line) if last_line.startswith("So ") else None
             else:
                 miscopied = equation_of_another_problem(text)
