@@ -770,9 +770,9 @@ def main(config: Config) -> dict:
     # --- centring, and evaluation on the held-out prompts (a Ctrl-C here still saves the trained model)
     offset, result = float("nan"), None
     try:
-        # RL's zero: the mean over 1,024 random training samples is within about 0.01 of the mean over all
-        # (the rewards' spread is about 0.3), which costs a quarter of the time to score; and REINFORCE
-        # compares each sample with its siblings, so a constant left in the reward cancels anyway.
+        # The reward's zero: the mean over 1,024 random training samples is within about 0.01 of the mean
+        # over all (the rewards' spread is about 0.3) for a quarter of the scoring; rlhf.py subtracts its
+        # first batch's mean (RewardNormalizer) anyway, so a constant left in the reward changes no step.
         offset = centre_rewards(model, tokenizer, train_set, sample=1024, seed=config.seed + 1)
         if heldout_set:
             result = evaluate(model, tokenizer, heldout_set)
