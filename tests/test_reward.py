@@ -311,8 +311,7 @@ def test_ctrl_c_after_training_still_saves_the_model_and_resume_finishes_it(tmp_
     calls = []
     real_centre = reward.centre_rewards
 
-    def ctrl_c_after_training(*args, **kwargs):   # the first call centres the untrained model, the second
-        # the trained one
+    def ctrl_c_after_training(*args, **kwargs):   # call 1 centres the untrained model, call 2 the trained one
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
