@@ -1573,13 +1573,14 @@ def report_plot(path, stages, families, metrics):
              for label, without, with_ in (("CoT", "cot/without", "cot/with"),
                                            ("calculator", "calculator/without", "calculator/with"),
                                            ("retrieval", "retrieval/without", "retrieval/tfidf/with"),
-                                           ("JSON parses\n(T=1)", "json/temp1/without/parse_rate",
+                                           ("JSON\nparses\n(T=1)", "json/temp1/without/parse_rate",
                                             "json/temp1/with/parse_rate"),
-                                           ("best-of-N\nfacts (T=1)", "best_of/facts/one_sample",
+                                           ("best-of-N\nfacts\n(T=1)", "best_of/facts/one_sample",
                                             "best_of/facts/reward_pick"))
              if metrics.get(f"techniques/{with_}") is not None]
-    figure, axes = plt.subplots(1, 2 if pairs else 1, figsize=(13 if pairs else 8, 4),
-                                gridspec_kw={"width_ratios": [2, 1]} if pairs else None, squeeze=False)
+    # the techniques' panel gets room for five labels of up to three short lines each
+    figure, axes = plt.subplots(1, 2 if pairs else 1, figsize=(14 if pairs else 8, 4.2),
+                                gridspec_kw={"width_ratios": [2, 1.3]} if pairs else None, squeeze=False)
     axis = axes[0][0]
     width = 0.8 / len(stages)
     for k, stage in enumerate(stages):
@@ -1599,7 +1600,7 @@ def report_plot(path, stages, families, metrics):
         axis.set_xticks(x, [p[0] for p in pairs])
         axis.set_ylim(0, 1)
         axis.set_title(f"techniques ({metrics.get('techniques/stage')})")
-        axis.legend()
+        axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=2)   # below: bars reach 1 anywhere
         axis.grid(axis="y", alpha=0.3)
     figure.tight_layout()
     with atomic_path(path) as temporary:
