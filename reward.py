@@ -69,8 +69,8 @@ class Config:
                                                                    "training to evaluate on (the world's held-out "
                                                                    "prompts are its eval split)"})
     # training
-    max_iters: int = field(default=80, metadata={"help": "training steps (80 x 16 prompts: about 1.5 passes over "
-                                                         "the ~850 training prompts that have pairs; more only "
+    max_iters: int = field(default=80, metadata={"help": "training steps (80 x 16 prompts: one to four passes over "
+                                                         "the 340-1,150 training prompts that have pairs; more only "
                                                          "overfits them)"})
     prompts_per_step: int = field(default=16, metadata={"help": "prompts per step; all K completions of a "
                                                                 "prompt go in together"})
