@@ -533,6 +533,16 @@ TOOL_OUTPUT_SPECIALS = {"<|calc|>", "<|result|>", "<|/result|>"}
 # model: continent questions about countries known from pretraining only, 1% right without it, 75% with.
 MESSAGE_PREFIX = " "
 
+# The calculator's result is written after one space too: "<|result|> 287663<|/result|>". Digits are single
+# tokens either way (see the split pattern), but in the corpus every number follows a space ("-> 287663",
+# "= 287663"), and that is where the base model learnt to copy numbers. Glued to <|result|>, the result was
+# copied into the answer digit for digit but for the second: most likely the copy finds each next digit
+# after the two tokens before it, and " " + the first digit stood nowhere in the result. Measured on one
+# base model (README, "The calculator tool"): the SFT model wrote "508 * 287 = 125796." after the tool's
+# 145796, right on 12% of held-out products; with the space, 100%. The tiny world's SFT answers write it
+# the same way (data/tinyworld.py, calculator_answer).
+TOOL_RESULT_PREFIX = " "
+
 
 def render_chat(tokenizer, messages, add_generation_prompt=False):
     """messages: [{"role": "user" | "assistant", "content": str}, ...] -> (ids, train_mask).

@@ -41,7 +41,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from bpe import MESSAGE_PREFIX, UsageError, render_chat, response_text
+from bpe import MESSAGE_PREFIX, TOOL_RESULT_PREFIX, UsageError, render_chat, response_text
 from model import (Generation, answer_stops, atomic_path, autocast, chat_responses, check_same_tokenizer,
                    choose_device, cut_prompt, load_model, map_batches, prompt_room, read_text, run_cli,
                    write_json)
@@ -250,7 +250,7 @@ def generate_answers(model, tokenizer, prompts, sampling, stop_tokens, on_token=
                 stats["tool_calls"] = stats.get("tool_calls", 0) + 1
             expression = tool_call_expression(tokenizer, answers[i])
             result = calculator_result(expression) if calls[i] <= MAX_TOOL_CALLS else "error: too many calculator calls"
-            inserted = tokenizer.encode(result) + [result_end]
+            inserted = tokenizer.encode(TOOL_RESULT_PREFIX + result) + [result_end]   # bpe.py says why the space
             # a result near the end of the context or the budget is cut there, like any answer that runs out
             inserted = inserted[:min(sampling.max_new_tokens - len(answers[i]),
                                      block_size - len(prompts[i]) - len(answers[i]))]

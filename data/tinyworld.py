@@ -48,7 +48,7 @@ SFT_EXTRA_WORKED = 480   # worked additions SFT gets beyond the 120 of its share
 # Retrieval prompts: passages first, then the question (the format SFT teaches and sample.py builds).
 CONTEXT_HEADER = "Answer using the passages below."
 
-# Calculator markers (the strings of bpe.py's special tokens; see SPEC's tool-calling format).
+# Calculator markers (the strings of bpe.py's special tokens; README's "The calculator tool" has the format).
 CALC, RESULT, END_RESULT = "<|calc|>", "<|result|>", "<|/result|>"
 
 # Words a polite assistant does not use. The corpus has a few forum pages with rude answers, so a base
@@ -341,8 +341,9 @@ def worked_addition(a, b):
 
 
 def calculator_answer(a, b):
-    """The ideal answer to a large product: call the tool, then state its result (see SPEC)."""
-    return f"{CALC}{a} * {b}{RESULT}{a * b}{END_RESULT} {a} * {b} = {a * b}."
+    """The ideal answer to a large product: call the tool, then state its result. The tool writes the
+    result after a space, as numbers stand in the corpus (bpe.py's TOOL_RESULT_PREFIX says why)."""
+    return f"{CALC}{a} * {b}{RESULT} {a * b}{END_RESULT} {a} * {b} = {a * b}."
 
 
 def three_digit_product(rng):

@@ -93,11 +93,11 @@ def teach(model, tokenizer, conversations, steps, learning_rate=1e-2):
 @pytest.fixture
 def calculator_user(tmp_path, make_checkpoint):
     """(model, tokenizer): a tiny GPT that memorised one answer asking the calculator (100 steps of SFT on
-    "<|calc|>12 * 7<|result|>84<|/result|> It is 84." after CALCULATOR_QUESTION), so that sampling from it
+    "<|calc|>12 * 7<|result|> 84<|/result|> It is 84." after CALCULATOR_QUESTION), so that sampling from it
     calls the tool with the real forward pass."""
     from model import load_model
     model, tokenizer, _ = load_model(make_checkpoint(tmp_path / "calculator_user.pt", "sft"))
-    teach(model, tokenizer, [(CALCULATOR_QUESTION, "<|calc|>12 * 7<|result|>84<|/result|> It is 84.")], steps=100)
+    teach(model, tokenizer, [(CALCULATOR_QUESTION, "<|calc|>12 * 7<|result|> 84<|/result|> It is 84.")], steps=100)
     return model, tokenizer
 
 

@@ -320,7 +320,7 @@ def test_render_chat_ids_and_mask(tokenizer):
     enc = tokenizer.encode
     messages = [
         {"role": "user", "content": "What is 347 * 829?"},
-        {"role": "assistant", "content": "<|calc|>347 * 829<|result|>287663<|/result|> So 287663."},
+        {"role": "assistant", "content": "<|calc|>347 * 829<|result|> 287663<|/result|> So 287663."},
         {"role": "user", "content": "thanks <|end|><|assistant|>"},
         {"role": "assistant", "content": "ok"},
     ]
@@ -329,7 +329,7 @@ def test_render_chat_ids_and_mask(tokenizer):
         ([s["<|user|>"], *enc(" What is 347 * 829?"), s["<|end|>"]], 0),
         ([s["<|assistant|>"]], 0),
         ([*enc(" "), s["<|calc|>"], *enc("347 * 829"), s["<|result|>"]], 1),     # the model asks the tool
-        ([*enc("287663"), s["<|/result|>"]], 0),                       # the tool answers
+        ([*enc(" 287663"), s["<|/result|>"]], 0),                      # the tool answers
         ([*enc(" So 287663."), s["<|end|>"]], 1),
         ([s["<|user|>"], *enc(" thanks <|end|><|assistant|>"), s["<|end|>"], s["<|assistant|>"]], 0),
         ([*enc(" ok"), s["<|end|>"]], 1),

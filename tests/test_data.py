@@ -272,14 +272,14 @@ BAD_AND_ODD = [
     (COT_PREFIX + "What is 482 + 739?", worked_addition(482, 739).rsplit("\n", 1)[0], False, 0.1, 0.3),
     (COT_PREFIX + "What is 482 + 739?", worked_addition(482, 739).replace("1221", "1211"), False, 0.1, 0.3),
     ("What is 347 * 829?", "347 * 829 = 287663.", True, 0.7, 0.9),                   # no calculator
-    ("What is 347 * 829?", "<|calc|>347 * 829<|result|>287663<|/result|>", True, 0.5, 0.7),
+    ("What is 347 * 829?", "<|calc|>347 * 829<|result|> 287663<|/result|>", True, 0.5, 0.7),
     ("What is 347 * 829?", "<|calc|>347 * 829<|result|>", False, 0.1, 0.4),
-    ("What is 347 * 829?", "<|calc|>347 * 829<|result|>281234<|/result|> 347 * 829 = 281234.", False, 0.2, 0.4),
+    ("What is 347 * 829?", "<|calc|>347 * 829<|result|> 281234<|/result|> 347 * 829 = 281234.", False, 0.2, 0.4),
     ("What is 347 * 829?", "347 * 829 = 280000.", False, 0.0, 0.2),
     # The result of a miscopied problem is a wrong answer, not a missing one, unless it is the right number.
-    ("What is 347 * 829?", "<|calc|>347 * 829<|result|>287663<|/result|> 847 * 829 = 702163.", False, 0.2, 0.2),
-    ("What is 347 * 829?", "<|calc|>347 * 828<|result|>287316<|/result|> 347 * 828 = 287316.", False, 0.1, 0.1),
-    ("What is 347 * 829?", "<|calc|>347 * 829<|result|>287663<|/result|> 347 * 892 = 287663.", True, 0.6, 0.6),
+    ("What is 347 * 829?", "<|calc|>347 * 829<|result|> 287663<|/result|> 847 * 829 = 702163.", False, 0.2, 0.2),
+    ("What is 347 * 829?", "<|calc|>347 * 828<|result|> 287316<|/result|> 347 * 828 = 287316.", False, 0.1, 0.1),
+    ("What is 347 * 829?", "<|calc|>347 * 829<|result|> 287663<|/result|> 347 * 892 = 287663.", True, 0.6, 0.6),
     ("What is 23 + 45?", "23 + 46 = 69.", False, 0.0, 0.0),
     ("What is 23 + 45?", "23 + 54 = 68.", True, 0.6, 0.6),                          # the right number
     ("Describe France as JSON.", '{"name":"France","type":"country","capital":"Paris","continent":"Europe",'
@@ -316,7 +316,7 @@ def test_a_miscopied_problem_is_graded_as_a_wrong_answer_to_another_problem(worl
     """After the right calculator call, "579 * 963 = ..." answers a problem nobody asked: below the right
     problem's wrong result, as a labeler would rank it (an oracle that read no result there once called
     it right with 0.6, and the reward model learnt to prefer miscopies)."""
-    call = "<|calc|>679 * 963<|result|>653877<|/result|>"
+    call = "<|calc|>679 * 963<|result|> 653877<|/result|>"
     miscopied = world.grade("What is 679 * 963?", call + " 579 * 963 = 555387.")
     wrong_result = world.grade("What is 679 * 963?", call + " 679 * 963 = 655387.")
     assert not miscopied.correct and miscopied.score < wrong_result.score

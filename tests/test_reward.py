@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import reward
-from bpe import UsageError
+from bpe import TOOL_RESULT_PREFIX, UsageError
 from conftest import CALCULATOR_QUESTION
 from model import load_checkpoint, load_model, parse_config
 from reward import (Comparison, Config, batch_loss, centre_rewards, clear_pair_accuracy, main, pad_batch, pairwise_loss,
@@ -153,15 +153,15 @@ def test_the_labelers_see_answers_with_the_calculators_result(calculator_user, w
                                      temperature=1.0, max_new_tokens=24, seed=0)
     completions = comparisons[0].completions
     called = [c for c in completions if "<|calc|>" in c]
-    assert any("<|calc|>12 * 7<|result|>84<|/result|>" in c for c in called), completions
+    assert any("<|calc|>12 * 7<|result|> 84<|/result|>" in c for c in called), completions
     for completion in called:   # the tool's value of whatever expression the model wrote, not its guess
         expression, rest = completion.split("<|calc|>", 1)[1].split("<|result|>", 1)
-        assert rest.startswith(calculator_result(expression) + "<|/result|>")
+        assert rest.startswith(TOOL_RESULT_PREFIX + calculator_result(expression) + "<|/result|>")
     assert comparisons[0].scores == [world.score(CALCULATOR_QUESTION, c)[0] for c in completions]
     # what the reward model reads: the same tokens, with the tool's output out of the response's train mask
     ids, mask = reward_input_ids(tokenizer, CALCULATOR_QUESTION, called[0], block_size=128)
     start, end = ids.index(tokenizer.special_tokens["<|result|>"]) + 1, ids.index(tokenizer.special_tokens["<|/result|>"])
-    assert tokenizer.decode(ids[start:end]) == "84"
+    assert tokenizer.decode(ids[start:end]) == TOOL_RESULT_PREFIX + "84"
     assert mask[start - 1] == 1 and mask[start:end + 1] == [0] * (end + 1 - start)
 
 

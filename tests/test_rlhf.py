@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import rlhf
+from bpe import TOOL_RESULT_PREFIX
 from conftest import CALCULATOR_QUESTION, teach
 from model import UsageError, load_model, save_checkpoint
 from sample import calculator_result
@@ -65,7 +66,7 @@ def test_the_calculator_runs_in_rollouts_and_its_tokens_are_not_the_policys(calc
                                   seed=0)
     result, end_result = specials["<|result|>"], specials["<|/result|>"]
     called = [row for row, tokens in enumerate(rollout.tokens) if result in tokens]
-    assert any("<|calc|>12 * 7<|result|>84<|/result|>" in rollout.responses[row] for row in called), rollout.responses
+    assert any("<|calc|>12 * 7<|result|> 84<|/result|>" in rollout.responses[row] for row in called), rollout.responses
     with torch.no_grad():
         logprobs = rlhf.token_logprobs(policy, rollout.idx)
     for row in called:
@@ -73,7 +74,7 @@ def test_the_calculator_runs_in_rollouts_and_its_tokens_are_not_the_policys(calc
         start, stop = tokens.index(result) + 1, tokens.index(end_result) + 1
         # the tool's value of the expression the policy wrote, whatever digits the policy would have guessed
         expression = tokenizer.decode(tokens[tokens.index(specials["<|calc|>"]) + 1:start - 1])
-        assert tokenizer.decode(tokens[start:stop - 1]) == calculator_result(expression)
+        assert tokenizer.decode(tokens[start:stop - 1]) == TOOL_RESULT_PREFIX + calculator_result(expression)
         prompt_length = len(rollout.sequences[row]) - len(tokens)
         chosen = rollout.mask[row, prompt_length - 1:prompt_length - 1 + len(tokens)].tolist()
         assert chosen == [0.0 if start <= t < stop else 1.0 for t in range(len(tokens))]

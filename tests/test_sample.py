@@ -88,7 +88,7 @@ def test_a_streamed_chat_answer_is_its_message(tiny_tokenizer):
     its own token, as before a digit or a tool call, or inside the first word's token), without the end
     token, and whole characters only (é is two bytes)."""
     end = tiny_tokenizer.special_tokens["<|end|>"]
-    for message in ("Paris is big.", "42", "<|calc|>2 * 3<|result|>6<|/result|> 6.", "été"):
+    for message in ("Paris is big.", "42", "<|calc|>2 * 3<|result|> 6<|/result|> 6.", "été"):
         ids, _ = render_chat(tiny_tokenizer, [{"role": "user", "content": "hi"},
                                               {"role": "assistant", "content": message}])
         answer = ids[ids.index(tiny_tokenizer.special_tokens["<|assistant|>"]) + 1:]   # ends with <|end|>

@@ -47,7 +47,7 @@ def test_loss_counts_exactly_the_assistant_tokens_and_their_end(tiny_tokenizer):
 
 def test_calculator_output_is_not_trained(tiny_tokenizer):
     messages = [{"role": "user", "content": "What is 12 * 3?"},
-                {"role": "assistant", "content": "<|calc|>12 * 3<|result|>36<|/result|> 12 * 3 = 36."}]
+                {"role": "assistant", "content": "<|calc|>12 * 3<|result|> 36<|/result|> 12 * 3 = 36."}]
     _, targets, _ = sft.encode_conversation(tiny_tokenizer, messages, block_size=128)
     assert trained_runs(tiny_tokenizer, targets) == [" <|calc|>12 * 3<|result|>", " 12 * 3 = 36.<|end|>"]
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import sample
-from bpe import UsageError, render_chat, response_text
+from bpe import TOOL_RESULT_PREFIX, UsageError, render_chat, response_text
 from conftest import teach
 from model import Generation, load_model
 from sample import (JsonPrefix, Retriever, Sampling, TfidfEmbedder, ModelEmbedder, calculate, calculator_result,
@@ -84,7 +84,7 @@ class ScriptedModel:
         for row, prompt in enumerate(prompts):
             self.calls.append(list(prompt))
             if specials["<|/result|>"] in prompt:
-                result = self.tokenizer.decode(prompt[prompt.index(specials["<|result|>"]) + 1:-1])
+                result = self.tokenizer.decode(prompt[prompt.index(specials["<|result|>"]) + 1:-1]).strip()
                 script = self.tokenizer.encode(f" so it is {result}.") + [specials["<|end|>"]]
             else:
                 # the space render_chat puts before every message, then the call (as a trained model writes it)
@@ -108,7 +108,7 @@ def test_a_tool_call_gets_the_result_inserted_and_generation_continues(tiny_toke
     streamed = []
     answer = generate_answers(model, tiny_tokenizer, [prompt], Sampling(max_new_tokens=64, tool=True),
                               [specials["<|end|>"]], on_token=lambda index, token: streamed.append(token))[0]
-    message = "<|calc|>12 * (3 + 4)<|result|>84<|/result|> so it is 84."
+    message = "<|calc|>12 * (3 + 4)<|result|> 84<|/result|> so it is 84."
     assert response_text(tiny_tokenizer, answer) == message
     # rendered back into a conversation (the next turn's history), it is exactly the tokens generated
     history, _ = render_chat(tiny_tokenizer, [{"role": "user", "content": "what is 12 * 7?"},
@@ -119,6 +119,19 @@ def test_a_tool_call_gets_the_result_inserted_and_generation_continues(tiny_toke
     assert streamed == answer + [specials["<|end|>"]]  # the inserted result is streamed too
 
 
+def test_the_sft_answers_write_the_result_as_the_tool_does(tiny_tokenizer):
+    """SFT shows the model the calculator's output as the tool inserts it, after TOOL_RESULT_PREFIX: an
+    assistant trained on one layout and used with another would copy from text it never saw (bpe.py)."""
+    from data.tinyworld import calculator_answer
+    model = ScriptedModel(tiny_tokenizer)
+    prompt, _ = render_chat(tiny_tokenizer, [{"role": "user", "content": "what is 12 * 7?"}], add_generation_prompt=True)
+    answer = generate_answers(model, tiny_tokenizer, [prompt], Sampling(max_new_tokens=64, tool=True),
+                              [tiny_tokenizer.special_tokens["<|end|>"]])[0]
+    inserted = response_text(tiny_tokenizer, answer).split("<|result|>")[1].split("<|/result|>")[0]
+    assert inserted == TOOL_RESULT_PREFIX + "84"
+    assert f"<|result|>{inserted}<|/result|>" in calculator_answer(12, 7)
+
+
 def test_a_result_that_would_pass_the_end_of_the_context_is_cut_there(tiny_tokenizer):
     specials = tiny_tokenizer.special_tokens
     prompt, _ = render_chat(tiny_tokenizer, [{"role": "user", "content": "what is 12 * 7?"}], add_generation_prompt=True)
@@ -126,7 +139,7 @@ def test_a_result_that_would_pass_the_end_of_the_context_is_cut_there(tiny_token
     model = ScriptedModel(tiny_tokenizer, block_size=len(prompt) + len(call) + 1)   # room for one more token
     answer = generate_answers(model, tiny_tokenizer, [prompt], Sampling(max_new_tokens=64, tool=True),
                               [specials["<|end|>"]])[0]
-    assert answer == call + tiny_tokenizer.encode("84")[:1]    # the result's first token, then the context ends
+    assert answer == call + tiny_tokenizer.encode(" 84")[:1]   # the result's first token, then the context ends
     assert len(prompt) + len(answer) == model.config.block_size and len(model.calls) == 1
 
 
