@@ -537,10 +537,10 @@ MESSAGE_PREFIX = " "
 # tokens either way (see the split pattern), but in the corpus every number follows a space ("-> 287663",
 # "= 287663"), and that is where the base model learnt to copy numbers. Glued to <|result|>, the result was
 # copied into the answer digit for digit but for the second: most likely the copy finds each next digit
-# after the two tokens before it, and " " + the first digit stood nowhere in the result. Measured on one
-# base model (README, "The calculator tool"): the SFT model wrote "508 * 287 = 125796." after the tool's
-# 145796, right on 12% of held-out products; with the space, 100%. The tiny world's SFT answers write it
-# the same way (data/tinyworld.py, calculator_answer).
+# after the two tokens before it, and " " + the first digit stood nowhere in the result. One SFT model wrote
+# "508 * 287 = 125796." after the tool's 145796 and was right on 12% of held-out products; SFT on the same
+# base with the space, 100% (README, "The calculator tool", has three bases). The tiny world's SFT answers
+# write the result the same way (data/tinyworld.py, calculator_answer).
 TOOL_RESULT_PREFIX = " "
 
 
