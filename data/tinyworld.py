@@ -1133,8 +1133,10 @@ class World:
             if ideal.startswith(text):
                 done = text.count("\n") / max(1, ideal.count("\n"))
                 return Grade(round(0.1 + 0.2 * done, 3), "cut off before the final answer", False)
-            if shows_steps:   # a scratchpad states its result on its last line ("So 482 + 739 = 1221.");
-                last_line = text.splitlines()[-1]   # the others hold one-digit sums ("4 + 7 + 1 = 12")
+            if shows_steps:
+                # a scratchpad states its result on its last line ("So 482 + 739 = 1221."); the lines above
+                # hold one-digit sums ("4 + 7 + 1 = 12") that answer nothing
+                last_line = text.splitlines()[-1]
                 miscopied = equation_of_another_problem(last_line) if last_line.startswith("So ") else None
             else:
                 miscopied = equation_of_another_problem(text)
